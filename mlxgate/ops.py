@@ -33,7 +33,8 @@ def entropy(logits: mx.array) -> mx.array:
 
 @entropy.vjp
 def _entropy_vjp(primals, cotangent, output):
-    (logits,) = primals
+    # mlx passes a one-input custom_function's primal as the array itself, not a 1-tuple.
+    logits = primals[0] if isinstance(primals, (tuple, list)) else primals
     logp, _ = _log_softmax(logits)
     p = mx.exp(logp)
     safe_logp = mx.where(p > 0, logp, 0.0)

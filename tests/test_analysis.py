@@ -3,6 +3,7 @@
 Oracles: hand-derived values on crafted inputs, float64 numpy, and mlx-lm's own LoRA fuse.
 """
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -160,6 +161,7 @@ def test_aggregate_kl_is_pooled_over_batch():
     mask[0, 10:] = True
     mask[1, 25:] = True
     pooled = np.concatenate([kl[0, 10:], kl[1, 25:]])
+    assert kl_aggregates(mx.array(kl), mx.array(mask)) == pytest.approx(kl_aggregates(pooled))
     for name in ("mean", "rmse", "p95", "max"):
         got = aggregate_kl(mx.array(kl), name, mx.array(mask)).item()
         assert got == pytest.approx(kl_aggregates(pooled)[name], rel=1e-5)
@@ -447,6 +449,21 @@ def test_hidden_spectrum_known_spectrum():
     assert m32.spectral_entropy == pytest.approx(hs, rel=1e-5)
 
 
+@pytest.mark.parametrize("tokens,dim", [(40, 12), (9, 30)])
+def test_hidden_spectrum_gram_method_matches_svd(tokens, dim):
+    s = [5.0, 3.0, 2.0, 1.5, 1.0, 0.5][: min(tokens - 1, dim)]
+    low_rank = _known_spectrum_matrix(s, tokens=tokens, dim=dim)
+    full = np.random.default_rng(7).standard_normal((tokens, dim))
+    for x in (low_rank, full, mx.array(low_rank, dtype=mx.float32)):
+        a, b = hidden_spectrum(x), hidden_spectrum(x, method="gram")
+        assert a.rank == b.rank
+        np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-9)
+        for f in ("spectral_entropy", "effective_rank", "dominant_ratio", "phi_proximity"):
+            assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-9)
+    with pytest.raises(ValueError, match="gram"):
+        hidden_spectrum(full, method="eig")
+
+
 def test_hidden_spectrum_isotropic_phi_and_top():
     iso = hidden_spectrum(_known_spectrum_matrix([2.0] * 10, tokens=30, dim=16))
     assert iso.rank == 10
@@ -467,8 +484,11 @@ def test_hidden_spectrum_degenerate():
     assert (rank1.spectral_entropy, rank1.effective_rank) == (0.0, pytest.approx(1.0))
     assert rank1.dominant_ratio == pytest.approx(1.0) and rank1.phi_proximity == 0.0
     assert rank1.status == "WARNING"
-    for x in (np.zeros((10, 4)), np.tile(np.arange(4.0), (10, 1)), np.ones((1, 4))):
-        m = hidden_spectrum(x)
+    for x, method in itertools.product(
+        (np.zeros((10, 4)), np.tile(np.arange(4.0), (10, 1)), np.ones((1, 4)), np.ones((0, 4))),
+        ("svd", "gram"),
+    ):
+        m = hidden_spectrum(x, method=method)
         assert (m.rank, m.spectral_entropy, m.effective_rank, m.dominant_ratio) == (0, 0, 0, 0)
         assert m.eigenvalues == [] and m.status == "WARNING"
     with pytest.raises(ValueError):
@@ -564,7 +584,8 @@ def test_power_iteration_converges():
     assert power_iteration_sigma_max(a, b, -2.0, steps=60).item() == pytest.approx(8.0, rel=1e-5)
     # warm start from the returned vector: already converged, zero further steps
     _, v = power_iteration(a, b, 2.0, steps=60)
-    assert power_iteration_sigma_max(a, b, 2.0, steps=0, v0=v).item() == pytest.approx(8.0, rel=1e-5)
+    warm = power_iteration_sigma_max(a, b, 2.0, steps=0, v0=v).item()
+    assert warm == pytest.approx(8.0, rel=1e-5)
 
 
 def test_power_iteration_gradient_is_top_singular_pair():
@@ -584,7 +605,8 @@ def test_power_iteration_gradient_is_top_singular_pair():
 
 def test_power_iteration_fresh_adapter_has_finite_zero_gradient():
     a, b = mx.ones((16, 4)) * 0.1, mx.zeros((4, 12))
-    sigma, grads = mx.value_and_grad(lambda x, y: power_iteration_sigma_max(x, y, 2.0), [0, 1])(a, b)
+    f = mx.value_and_grad(lambda x, y: power_iteration_sigma_max(x, y, 2.0), [0, 1])
+    sigma, grads = f(a, b)
     assert sigma.item() == 0.0
     for g in grads:
         assert np.all(np.array(g) == 0.0)

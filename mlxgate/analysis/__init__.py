@@ -16,6 +16,7 @@ from mlxgate.analysis.loops import (
 )
 from mlxgate.analysis.spectral import (
     PHI,
+    SPECTRUM_METHODS,
     AttentionDiagonalStats,
     SpectralThresholds,
     SpectrumMetrics,
@@ -35,6 +36,7 @@ __all__ = [
     "KL_AGGS",
     "PHI",
     "RMSE_EPS",
+    "SPECTRUM_METHODS",
     "ZONE_SCHEMES",
     "AttentionDiagonalStats",
     "BasinResult",

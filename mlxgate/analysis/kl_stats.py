@@ -68,7 +68,7 @@ def _masked_percentile(x: mx.array, m: mx.array, n: mx.array, percent: int) -> m
 
 
 def aggregate_kl(kl: mx.array, agg: str = "rmse", mask: mx.array | None = None) -> mx.array:
-    """Differentiable aggregate of per-position KL ``kl`` (any shape, nats) over S -> scalar float32.
+    """Differentiable aggregate of per-position KL ``kl`` (any shape, nats) -> float32 scalar.
 
     ``agg``: mean | rmse | p95 | max. ``mask``: same shape as ``kl``, true for positions in S.
     Gradients flow to the positions that make the value: all of S for mean/rmse, the two

@@ -88,6 +88,8 @@ def open_gguf(path: str | Path):
         for t in reader.tensors:
             if t.data_offset + t.n_bytes > size:
                 raise ValueError(f"tensor {t.name} extends past the end of the file")
+        if not reader.tensors or "general.architecture" not in reader.fields:
+            raise ValueError("it has no tensors or no general.architecture")
     except UserError:
         raise
     except Exception as err:  # gguf raises ValueError/struct.error/IndexError on bad files
@@ -245,7 +247,7 @@ def build_tokenizer(reader) -> tuple["object", dict]:
     vocab = {tok: i for i, tok in enumerate(tokens)}
 
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+        merges = [tuple(m.split(" ", 1)) for m in (_field(reader, "tokenizer.ggml.merges") or [])]
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         pre = str(_field(reader, "tokenizer.ggml.pre", "default"))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

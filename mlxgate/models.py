@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,7 +144,6 @@ def fetch_embedded(alias: str, force: bool = False, quiet: bool = False) -> Path
     Returns the converted HF-layout directory. Safe to interrupt: the result directory is only
     created by an atomic rename at the end.
     """
-    from mlxgate.gguf_import import convert_gguf
 
     spec = ALIASES[alias].embedded
     target = embedded_dir(alias)
@@ -196,8 +194,14 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
 
 
 def hub_cache_dir() -> str:
+    """huggingface_hub's cache directory, read from the environment at call time (HF_HUB_CACHE,
+    then HF_HOME/hub), so a process can point at another cache after import."""
     from huggingface_hub import constants
 
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
     return str(constants.HF_HUB_CACHE)
 
 
@@ -208,7 +212,7 @@ def hub_snapshot(repo: str, download: bool = False) -> Path:
 
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "*.tiktoken"]
     try:
-        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=not download))
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=not download, cache_dir=hub_cache_dir()))
     except HFValidationError as err:
         raise UserError(f"{repo!r} is not a valid Hugging Face repo id: {err}") from None
     except Exception as err:  # LocalEntryNotFoundError, offline errors, 401/404

@@ -1,0 +1,137 @@
+// Streaming (online) reductions over one vocabulary row, shared by the Metal and CUDA kernels.
+//
+// Each thread folds its strided share of the row into a small state, each element read once;
+// states are then merged by a fixed xor-butterfly inside each 32-lane warp/simdgroup and a
+// second butterfly over the per-warp results. No atomics, no reused shared buffer: the same
+// input gives bit-identical output on every call.
+//
+// Entropy state (m, s, w): m the running max, s = sum e^(z-m), w = sum e^(z-m) (z-m).
+//   lse = m + log s,  H = log s - w / s   (SPEC 3.1; w is relative to m, so +-1e4 logits
+//   do not cancel against lse).
+// KL state (ma, sa, u, mb, sb): u = sum e^(a-ma) (a-b).
+//   KL = u/sa + (mb - ma) + log(sb/sa)   (SPEC 3.3; exactly 0 when a == b).
+// -inf logits contribute nothing; an all -inf row gives lse = -inf and H/KL = NaN.
+
+struct MlxgEnt {
+  float m;
+  float s;
+  float w;
+};
+
+KFN MlxgEnt mlxg_ent_init() {
+  MlxgEnt r;
+  r.m = -MLXG_INF;
+  r.s = 0.0f;
+  r.w = 0.0f;
+  return r;
+}
+
+// Re-express the state relative to a new max mn >= r.m.
+KFN MlxgEnt mlxg_ent_rescale(MlxgEnt r, float mn) {
+  if (r.s > 0.0f) {  // s == 0: nothing accumulated yet, m may still be -inf
+    float d = r.m - mn;
+    float a = MLXG_EXP(d);
+    r.w = a * (r.w + d * r.s);
+    r.s = a * r.s;
+  }
+  r.m = mn;
+  return r;
+}
+
+// Fold one value z <= r.m in. NaN inputs poison s (and so every output).
+KFN MlxgEnt mlxg_ent_add(MlxgEnt r, float z) {
+  float t = z - r.m;
+  float e = (z == -MLXG_INF) ? 0.0f : MLXG_EXP(t);
+  r.s += e;
+  r.w += (e > 0.0f) ? e * t : 0.0f;
+  return r;
+}
+
+KFN MlxgEnt mlxg_ent_merge(MlxgEnt x, MlxgEnt y) {
+  float mn = (y.m > x.m) ? y.m : x.m;
+  x = mlxg_ent_rescale(x, mn);
+  y = mlxg_ent_rescale(y, mn);
+  x.s += y.s;
+  x.w += y.w;
+  return x;
+}
+
+KFN MlxgEnt mlxg_ent_warp_reduce(MlxgEnt r) {
+  for (int off = 16; off > 0; off >>= 1) {
+    MlxgEnt o;
+    o.m = MLXG_SHFL_XOR(r.m, off);
+    o.s = MLXG_SHFL_XOR(r.s, off);
+    o.w = MLXG_SHFL_XOR(r.w, off);
+    r = mlxg_ent_merge(r, o);
+  }
+  return r;
+}
+
+struct MlxgKl {
+  float ma;
+  float sa;
+  float u;
+  float mb;
+  float sb;
+};
+
+KFN MlxgKl mlxg_kl_init() {
+  MlxgKl r;
+  r.ma = -MLXG_INF;
+  r.sa = 0.0f;
+  r.u = 0.0f;
+  r.mb = -MLXG_INF;
+  r.sb = 0.0f;
+  return r;
+}
+
+KFN MlxgKl mlxg_kl_rescale_a(MlxgKl r, float mn) {
+  if (r.sa > 0.0f) {
+    float a = MLXG_EXP(r.ma - mn);
+    r.sa *= a;
+    r.u *= a;
+  }
+  r.ma = mn;
+  return r;
+}
+
+KFN MlxgKl mlxg_kl_rescale_b(MlxgKl r, float mn) {
+  if (r.sb > 0.0f) {
+    r.sb *= MLXG_EXP(r.mb - mn);
+  }
+  r.mb = mn;
+  return r;
+}
+
+// Fold one pair in (a <= r.ma, b <= r.mb). b = -inf where p > 0 makes u (and KL) +inf.
+KFN MlxgKl mlxg_kl_add(MlxgKl r, float a, float b) {
+  float ea = (a == -MLXG_INF) ? 0.0f : MLXG_EXP(a - r.ma);
+  r.sa += ea;
+  r.u += (ea > 0.0f) ? ea * (a - b) : 0.0f;
+  r.sb += (b == -MLXG_INF) ? 0.0f : MLXG_EXP(b - r.mb);
+  return r;
+}
+
+KFN MlxgKl mlxg_kl_merge(MlxgKl x, MlxgKl y) {
+  float na = (y.ma > x.ma) ? y.ma : x.ma;
+  float nb = (y.mb > x.mb) ? y.mb : x.mb;
+  x = mlxg_kl_rescale_b(mlxg_kl_rescale_a(x, na), nb);
+  y = mlxg_kl_rescale_b(mlxg_kl_rescale_a(y, na), nb);
+  x.sa += y.sa;
+  x.u += y.u;
+  x.sb += y.sb;
+  return x;
+}
+
+KFN MlxgKl mlxg_kl_warp_reduce(MlxgKl r) {
+  for (int off = 16; off > 0; off >>= 1) {
+    MlxgKl o;
+    o.ma = MLXG_SHFL_XOR(r.ma, off);
+    o.sa = MLXG_SHFL_XOR(r.sa, off);
+    o.u = MLXG_SHFL_XOR(r.u, off);
+    o.mb = MLXG_SHFL_XOR(r.mb, off);
+    o.sb = MLXG_SHFL_XOR(r.sb, off);
+    r = mlxg_kl_merge(r, o);
+  }
+  return r;
+}

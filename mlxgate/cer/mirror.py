@@ -104,6 +104,7 @@ def verdict(condition: str, final_mean: float, counts: dict[str, int], n_steps: 
 
     Final entropy agrees if |ours - published mean| <= published std. Actions agree if the
     published row is all BRAKE and ours is too, or else if ours is BRAKE on >= 90% of steps.
+    ``actions_exact``: the three counts equal the published ones.
     """
     pub = PUBLISHED[condition]
     final_ok = abs(final_mean - pub["final_mean"]) <= pub["final_std"]
@@ -111,7 +112,8 @@ def verdict(condition: str, final_mean: float, counts: dict[str, int], n_steps: 
         actions_ok = counts[BRAKE] == n_steps
     else:
         actions_ok = counts[BRAKE] >= MIN_BRAKE_FRACTION * n_steps
-    return {"final_agrees": bool(final_ok), "actions_agree": bool(actions_ok)}
+    exact = all(counts[a] == pub[a] for a in (BRAKE, ESCAPE, NONE))
+    return {"final_agrees": bool(final_ok), "actions_agree": bool(actions_ok), "actions_exact": exact}
 
 
 def summarize(runs: dict[str, ConditionRuns], seeds: list[int], dropout: bool) -> dict:

@@ -19,6 +19,11 @@ loss = CE(masked positions) + entropy_weight * mean_steps (H_step - target)^2
 
 H_step is the state entropy after control at each refinement step (nats); the mass term is the
 original's "higher mass is better". Units: CE and H in nats.
+
+The phase is reset to 0 before every training batch by default (each batch is an independent
+experiment and evaluation also starts from phase 0); ``carry_phase=True`` lets it run on across
+batches as the original's buffer did, which makes the modulation 1 + 0.3 sin(phase) drift between
+0.7 and 1.3 from batch to batch.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class TrainConfig:
     successors: int = 4
     mask_rate: float = 0.5  # of the odd positions
     chain_seed: int = 1234
+    carry_phase: bool = False  # False: reset the phase to 0 before every batch, as eval does
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +251,8 @@ def train(
         task = bar.add_task("train", total=tc.steps, info="")
         for step in range(1, tc.steps + 1):
             b = sample_batch(data_rng, chain, tc.batch, tc.seq, tc.mask_rate)
+            if not tc.carry_phase:
+                model.reset_phase()
             (loss, (ce, ent, mass_t, h, mass)), grads = step_fn(model, b)
             grads, gnorm = optim.clip_grad_norm(grads, tc.grad_clip)
             opt.update(model, grads)

@@ -162,3 +162,53 @@ def spectrum(model, adapter_dir, prompt_list, prompts_file, raw, healthy_entropy
 
         spectrum_by_layer(report, plot, title=f"hidden-state spectrum by layer: {info.name}")
         click.echo(f"wrote {plot}", err=True)
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+@click.command()
+@click.option("--model", "-m", "model", default=None, help="generate with this model and watch it token by token: " + MODEL_HELP)
+@click.option("--run", "run_dir", type=click.Path(), default=None, help="follow a loop run: DIR/events.jsonl (or the file itself)")
+@click.option("--prompt", "-p", "prompt_list", multiple=True, help="a prompt (repeatable); default: the built-in probe set")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), help=".txt (one prompt per line) or .jsonl (field 'prompt')")
+@click.option("--max-tokens", default=128, show_default=True, type=int, help="new tokens per prompt (greedy)")
+@click.option("--raw", is_flag=True, help="no chat template: prompts are plain text")
+@click.option("--zones", type=click.Choice(["iris", "phasegpt", "cer"]), default="iris", show_default=True, help="zone scheme (SPEC §3.2)")
+@click.option("--spectrum-every", default=16, show_default=True, type=int, help="per-layer spectra of the text so far every N tokens (0: off)")
+@click.option("--interval", default=0.5, show_default=True, type=float, help="--run: seconds between looks at events.jsonl")
+@click.option("--fps", default=8.0, show_default=True, type=float, help="most frames drawn per second")
+@click.option("--once", is_flag=True, help="render one frame to stdout and exit (--model: after all prompts are done)")
+@click.option("--width", type=int, default=None, help="--once: frame width (default: the terminal's, or 80)")
+@click.option("--height", type=int, default=None, help="--once: frame height (default: the terminal's, or 24)")
+@click.option("--dtype", type=DTYPES, default=None, help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+def dashboard(model, run_dir, prompt_list, prompts_file, max_tokens, raw, zones, spectrum_every, interval, fps, once, width, height, dtype):
+    """Live terminal dashboard of a generation (--model) or of a loop run (--run DIR).
+
+    --model: text coloured by zone, H_t now / rolling / sparkline (nats), zone histogram, token
+    loop and basin, per-layer spectral entropy and dominant ratio, tokens/s, memory.
+    --run: the latest value of each field of events.jsonl and a small history, as it is appended.
+    Press q (or Ctrl-C) to quit.
+    """
+    from mlxgate import dashboard as D
+
+    if (model is None) == (run_dir is None):
+        raise UserError("give exactly one of --model M or --run DIR")
+    if max_tokens < 1:
+        raise UserError("--max-tokens must be at least 1")
+    if spectrum_every < 0:
+        raise UserError("--spectrum-every must be 0 (off) or a positive number of tokens")
+    if not interval > 0 or not fps > 0:
+        raise UserError("--interval and --fps must be positive")
+    if (width is not None and width < 40) or (height is not None and height < 12):
+        raise UserError("--width must be at least 40 and --height at least 12")
+    try:
+        if run_dir is not None:
+            if prompt_list or prompts_file:
+                raise UserError("--prompt/--prompts go with --model, not --run")
+            D.run_dashboard(run_dir, interval, fps, once, width, height)
+        else:
+            prompts = _gather_prompts(prompt_list, prompts_file) or _probe_prompts()
+            D.model_dashboard(model, prompts, max_tokens, raw, zones, spectrum_every, fps, once, width, height, dtype)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is the other way out: the terminal is restored by then, exit 0

@@ -1,6 +1,5 @@
 // CUDA side of the per-backend macros used by vocab_common.h and the *.body files.
 // mx.fast.cuda_kernel wraps each body in a __global__ function templated on T, V, TPB, VEC.
-#pragma once
 #define MLXG_CUDA 1
 #define KFN __device__ __forceinline__
 #define MLXG_SHARED __shared__

@@ -1,7 +1,6 @@
 // Metal side of the per-backend macros used by vocab_common.h and the *.body files.
 // mx.fast.metal_kernel wraps each body in a kernel templated on T, V, TPB, VEC. It adds the
 // thread-position attributes it finds named in the body, so the prologue below names them.
-#pragma once
 #define MLXG_METAL 1
 #define KFN inline
 #define MLXG_SHARED threadgroup

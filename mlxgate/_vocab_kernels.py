@@ -110,26 +110,28 @@ def row_threads(vocab: int, vec: int) -> int:
 _CUDA_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half", "int32": "int32_t"}
 
 
-def cuda_test_source(name: str, dtype: str, vocab: int, tpb: int, vec: int) -> str:
-    """A .cu file with the body wrapped the way mx.fast.cuda_kernel wraps it (for nvcc)."""
-    spec = SPECS[name]
-    header, body = sources("cuda", spec)
-    t = _CUDA_TYPES[dtype]
+def cuda_test_source(items: list[tuple[str, str, int, int, int]]) -> str:
+    """One .cu file holding each (name, dtype, V, TPB, VEC) body wrapped the way
+    mx.fast.cuda_kernel wraps it (its header, then a __global__ function whose template
+    arguments are constexprs), for a plain ``nvcc -c`` check. All items must agree on ids."""
+    specs = [SPECS[it[0]] for it in items]
+    if len({sp.has_ids for sp in specs}) != 1:
+        raise ValueError("items with and without ids need separate files")
+    header, _ = sources("cuda", specs[0])
     f32 = {"lse", "ent", "c_ent", "c_lse", "lse_a", "lse_b", "kl", "c_kl", "c_lse_a", "c_lse_b", "c_tlp"}
-    params = []
-    for n in spec.inputs:
-        ty = "int32_t" if n in ("ids", "nrows") else ("float" if n in f32 else t)
-        params.append(f"    const {ty}* {n}")
-    for n in spec.outputs:
-        params.append(f"    {t if n in ('grad', 'ga', 'gb') else 'float'}* {n}")
-    return (
-        "#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n"
-        "#include <cooperative_groups.h>\n"
-        + header
-        + "\nnamespace mlx::core::cu {\n"
-        + f"__global__ void mlxgate_{name}(\n" + ",\n".join(params) + ") {\n"
-        + f"  constexpr int V = {vocab};\n  constexpr int TPB = {tpb};\n"
-        + f"  constexpr int VEC = {vec};\n  using T = {t};\n"
-        + body
-        + "\n}\n}  // namespace mlx::core::cu\n"
-    )
+    out = ["#include <cstdint>\n#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n", header]
+    out.append("\nnamespace mlx::core::cu {\n")
+    for k, ((name, dtype, vocab, tpb, vec), spec) in enumerate(zip(items, specs)):
+        t = _CUDA_TYPES[dtype]
+        params = []
+        for n in spec.inputs:
+            ty = "int32_t" if n in ("ids", "nrows") else ("float" if n in f32 else t)
+            params.append(f"    const {ty}* {n}")
+        for n in spec.outputs:
+            params.append(f"    {t if n in ('grad', 'ga', 'gb') else 'float'}* {n}")
+        _, body = sources("cuda", spec)
+        out.append(f"__global__ void mlxgate_{name}_{k}(\n" + ",\n".join(params) + ") {\n")
+        out.append(f"  constexpr int V = {vocab};\n  constexpr int TPB = {tpb};\n")
+        out.append(f"  constexpr int VEC = {vec};\n  using T = {t};\n{body}\n}}\n\n")
+    out.append("}  // namespace mlx::core::cu\n")
+    return "".join(out)

@@ -140,21 +140,21 @@ def _rowsum(x: mx.array) -> mx.array:
 # ----------------------------------------------------------------- composed (CPU) chunks
 
 
-def _ent_chunk(x: mx.array) -> tuple[mx.array, mx.array]:
-    x = x.astype(mx.float32)
-    m = mx.max(x, axis=-1, keepdims=True)
+def _ent_chunk(x: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]:
+    """(H, lse[, log p[id]]) of a [r, V] chunk, float32 [r] each."""
+    m = mx.max(x, axis=-1, keepdims=True).astype(mx.float32)
     m = mx.where(m == -mx.inf, 0.0, m)  # all -inf row: t = -inf, e = 0, lse = -inf
     # Clamp so that e * t is 0 (not 0 * -inf) at -inf logits; NaN passes through.
-    t = mx.maximum(x - m, -3.0e38)
+    t = mx.maximum(x.astype(mx.float32) - m, -3.0e38)
     e = mx.exp(t)
     s = _rowsum(e)
     ls = mx.log(s)
-    return ls - _rowdot(e, t) / s, m[:, 0] + ls
-
-
-def _tlp_chunk(x: mx.array, ids: mx.array, lse: mx.array) -> mx.array:
+    out = (ls - _rowdot(e, t) / s, m[:, 0] + ls)
+    if ids is None:
+        return out
+    # (z_id - m) - log s, not z_id - lse: at |z| ~ 1e4 the latter loses ~1e-4 to rounding.
     picked = mx.take_along_axis(x, ids[:, None], axis=-1)[:, 0].astype(mx.float32)
-    return picked - lse
+    return out + ((picked - m[:, 0]) - ls,)
 
 
 def _kl_chunk(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -197,7 +197,8 @@ def _kl_bwd_chunk(a, b, lse_a, lse_b, kl, c_kl, c_la, c_lb):
     return ga.astype(a.dtype), gb.astype(b.dtype)
 
 
-_ent_chunk_c = mx.compile(_ent_chunk)
+_ent_chunk_c = mx.compile(lambda x: _ent_chunk(x))
+_ent_chunk_ids_c = mx.compile(_ent_chunk)
 _kl_chunk_c = mx.compile(_kl_chunk)
 _ent_bwd_chunk_c = mx.compile(lambda x, lse, ent, ce, cl, ct: _ent_bwd_chunk(x, lse, ent, ce, cl, ct, None))
 _ent_bwd_chunk_ids_c = mx.compile(_ent_bwd_chunk)
@@ -209,15 +210,14 @@ def _composed_stats(x: mx.array, ids: mx.array | None) -> list[mx.array]:
     ev = _Evaluator()
     ents, lses, tlps = [], [], []
     for lo, hi in _row_chunks(n, vocab):
-        xc = x[lo:hi]
-        h, lse = _ent_chunk_c(xc)
-        outs = [h, lse]
-        if ids is not None:
-            outs.append(_tlp_chunk(xc, ids[lo:hi], lse))
+        if ids is None:
+            outs = _ent_chunk_c(x[lo:hi])
+        else:
+            outs = _ent_chunk_ids_c(x[lo:hi], ids[lo:hi])
             tlps.append(outs[2])
-        ev(outs)
-        ents.append(h)
-        lses.append(lse)
+        ev(list(outs))
+        ents.append(outs[0])
+        lses.append(outs[1])
     res = [_cat(ents, (0,)), _cat(lses, (0,))]
     if ids is not None:
         res.append(_cat(tlps, (0,)))

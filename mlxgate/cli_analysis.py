@@ -188,7 +188,7 @@ def dashboard(model, run_dir, prompt_list, prompts_file, max_tokens, raw, zones,
     --model: text coloured by zone, H_t now / rolling / sparkline (nats), zone histogram, token
     loop and basin, per-layer spectral entropy and dominant ratio, tokens/s, memory.
     --run: the latest value of each field of events.jsonl and a small history, as it is appended.
-    Press q (or Ctrl-C) to quit.
+    Press q (or Ctrl-C) to quit. When stdout is not a terminal it behaves as --once.
     """
     from mlxgate import dashboard as D
 

@@ -253,7 +253,7 @@ def model_dashboard(model_name: str, prompts: list[str], max_tokens: int, raw: b
 
     model, tokenizer, info = load(model_name, dtype=dtype)
     view = GenView(model=info.name, n_layers=info.n_layers, prompts=prompts, zones=zones, spectrum_every=spectrum_every)
-    if once:
+    if once or not Console().is_terminal:  # a live screen into a pipe shows nothing: one frame
         console = _once_console(width, height)
         run_generation(model, tokenizer, view, max_tokens, raw, lambda force=False: None, None)
         console.print(generation_frame(view, backend.memory()))
@@ -425,7 +425,7 @@ def run_dashboard(run: str, interval: float, fps: float, once: bool, width: int 
 
     state = RunState(run)
     state.poll()
-    if once:
+    if once or not Console().is_terminal:  # a live screen into a pipe shows nothing: one frame
         for w in state.new_warnings:
             print(f"mlxgate: warning: {w}", file=sys.stderr)
         state.new_warnings.clear()

@@ -16,6 +16,7 @@ import numpy as np
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.layout import Layout
 from rich.panel import Panel
+from rich.table import Table
 from rich.text import Text
 
 from mlxgate.analysis.loops import classify_basin, detect_loop
@@ -80,10 +81,19 @@ def gib(n) -> str:
 
 
 def size(n) -> str:
-    """Bytes as MiB below 1 GiB, else GiB."""
+    """Bytes, compact: 513M below 1 GiB, else 1.25G (binary units)."""
     if n is None:
         return "?"
-    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.0f}M" if n < 2**30 else f"{n / 2**30:.2f}G"
+
+
+def header(left: Text) -> Table:
+    """One line: ``left`` (cut with … when narrow) and the key hint, always visible, on the right."""
+    grid = Table.grid(expand=True)
+    grid.add_column(ratio=1, no_wrap=True, overflow="ellipsis")
+    grid.add_column(justify="right", no_wrap=True)
+    grid.add_row(left, Text(" q quits", style="dim"))
+    return grid
 
 
 def fmt_num(v) -> str:
@@ -276,11 +286,10 @@ def generation_frame(view, mem: dict) -> Layout:
     head.append(f" · {os.path.basename(view.model.rstrip('/')) or view.model} · prompt {min(view.index + 1, len(view.prompts))}/{len(view.prompts)} · tok {len(view.ids)}")
     head.append(f" · {view.rate:.1f} tok/s" if view.rate else " · - tok/s")
     head.append(f" · {view.phase}", style="green" if view.phase == "done" else "yellow")
-    head.append(" · q quits", style="dim")
     prompt = view.prompts[view.index] if view.index < len(view.prompts) else ""
     root = Layout()
     root.split_column(
-        Layout(head, size=1),
+        Layout(header(head), size=1),
         Layout(name="top", ratio=1, minimum_size=8),
         Layout(name="mid", ratio=1, minimum_size=8),
         Layout(Text(no_wrap=True, overflow="ellipsis").append_text(memory_line(mem)), size=1),
@@ -361,7 +370,6 @@ def run_frame(state, mem: dict) -> Layout:
     head.append(f" · run {os.path.basename(state.label.rstrip('/')) or state.label} · {len(state.events)} events")
     if state.last_time is not None:
         head.append(f" · last {time.time() - state.last_time:.0f}s ago")
-    head.append(" · q quits", style="dim")
 
     def history(width, height):
         t = Text()
@@ -383,13 +391,18 @@ def run_frame(state, mem: dict) -> Layout:
             lines.append(Text(clean(w), style="yellow", no_wrap=True, overflow="ellipsis"))
         room = (height or 6) - len(lines)
         for no, ev in state.events[-max(room, 0) :] if room > 0 else []:
-            parts = [f"{k}={fmt_num(v) if not isinstance(v, dict) else '{…}'}" for k, v in ev.items()]
+            parts = []
+            for k, v in ev.items():
+                if isinstance(v, dict):
+                    parts += [f"{k}.{kk}={fmt_num(vv)}" for kk, vv in v.items()]
+                else:
+                    parts.append(f"{k}={fmt_num(v) if not isinstance(v, list) else f'[{len(v)}]'}")
             lines.append(Text(f"#{no} " + " ".join(parts), no_wrap=True, overflow="ellipsis"))
         return Group(*lines) if lines else Text("(none)", style="dim")
 
     root = Layout()
     root.split_column(
-        Layout(head, size=1),
+        Layout(header(head), size=1),
         Layout(name="top", ratio=2, minimum_size=10),
         Layout(Panel(Fit(recent), title="recent events", title_align="left"), ratio=1, minimum_size=5),
         Layout(Text(no_wrap=True, overflow="ellipsis").append_text(memory_line(mem)), size=1),

@@ -219,3 +219,19 @@ def test_bad_input_exit_2(dirs, case, needle, tmp_path):
     assert result.exit_code == 2, result.output
     assert needle in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_kl_positions_gemma_chunks_across_the_sliding_window(tiny_dirs, tiny_models, tmp_path):
+    # gemma3's window is 16: chunks of 8 through its rotating cache must equal one full forward.
+    from mlxgate.models import load
+
+    ma, tok, _ = tiny_models["gemma3_text"]
+    mb, _, _ = load(str(perturbed_copy(tiny_dirs["gemma3_text"], tmp_path / "g")))
+    ids = prompt_ids(tok, "a text well past the sixteen-token sliding window of the tiny gemma", raw=True)
+    assert len(ids) > 40
+    seq = mx.array([ids])
+    oracle = np_kl(np.array(ma(seq)[0, :-1]), np.array(mb(seq)[0, :-1]))
+    for chunk in (8, 512):
+        got = C.kl_positions(ma, mb, ids, 1, chunk=chunk)
+        np.testing.assert_allclose(got, oracle, rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(C.kl_positions(ma, mb, ids, 20, chunk=8), oracle[19:], rtol=1e-3, atol=1e-6)

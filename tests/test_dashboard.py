@@ -74,7 +74,19 @@ def test_once_frame_numbers_match_an_independent_run(tiny_dirs, tiny_models):
         assert status == sp.status[0]
 
 
-def test_once_colours_only_on_a_terminal_and_control_chars_are_cleaned():
+def test_piped_stdout_without_once_prints_one_frame(tiny_dirs, tmp_path):
+    env = {**os.environ, "COLUMNS": "80", "LINES": "24"}
+    proc = subprocess.run(
+        [MLXGATE, "dashboard", "--model", tiny_dirs["llama"], "-p", "hi", "--max-tokens", "6"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 24 and "tok 6 " in lines[0] and "done" in lines[0]
+    assert "\x1b[" not in proc.stdout  # no colour codes into a pipe
+
+
+def test_text_helpers():
     from mlxgate.dashboard_views import clean, sparkline
 
     assert clean("a\x1b[2Jb\tc\nd") == "a·[2Jb c\nd"
@@ -104,7 +116,7 @@ def test_run_once_follows_appends_and_skips_a_malformed_line(tmp_path):
     assert "progress ████" in out and "40.0%" in out
     assert "kl mean 0.31 rmse 0.52 p95 1.1 max 2.3" in out
     assert "kept 40" in out and "coherence 0.996" in out
-    assert "#4 round=1 stage=heal step=10" in out  # event lines keep their file line numbers
+    assert "#4 round=1 stage=heal step=10 progress=0.4 kl.mean=0.31 kl.rmse=0.52" in out  # file line numbers kept
     # append (as the loop does) and look again
     append_jsonl(run / "events.jsonl", {"round": 1, "stage": "eval", "auth_nats": -2.1, "coherence": 0.99, "adapter_spectra": [{"sigma_max": 0.12, "spectral_entropy": 0.8}, {"sigma_max": 0.2, "spectral_entropy": 0.7}]})
     code, out, err = once(["--run", str(run)])

@@ -115,7 +115,7 @@ def mirror_cmd(seeds: str, dropout: bool, fmt: str, plot_path: str | None, json_
 @click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--seq", type=click.IntRange(min=3), default=16, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
 @click.option("--entropy-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,
               help="Weight of mean_steps (H_state - target)^2.")
 @click.option("--mass-weight", type=click.FloatRange(min=0), default=0.1, show_default=True,

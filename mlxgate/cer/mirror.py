@@ -1,5 +1,8 @@
 """The CER mirror test (SPEC §6): PEAKED / UNIFORM / RANDOM inputs through fresh reactors.
 
+The JSON summary also carries, per condition, both commutation measures (see
+:mod:`mlxgate.cer.commutation`), computed after the mirror runs with dropout off.
+
 Per seed: ``mx.random.seed(seed)``, build a fresh reactor (weights from that seed), then run the
 three conditions in that order on the same reactor, resetting the phase before each (as the
 original's ``visualize_control.py``). The RANDOM input is drawn after the PEAKED and UNIFORM runs,
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from mlxgate.cer.commutation import commutation_cost
 from mlxgate.cer.model import BRAKE, ESCAPE, NONE, CERConfig, CoherentEntropyReactor, state_entropy
 
 CONDITIONS = ("PEAKED", "UNIFORM", "RANDOM")
@@ -61,6 +65,7 @@ class ConditionRuns:
     first: list[float] = field(default_factory=list)
     last: list[float] = field(default_factory=list)
     output: list[float] = field(default_factory=list)
+    commutation: list[dict] = field(default_factory=list)
     trajectories: list[list[dict]] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -71,7 +76,7 @@ class ConditionRuns:
         return c
 
 
-def run_condition(reactor: CoherentEntropyReactor, condition: str, runs: ConditionRuns) -> None:
+def run_condition(reactor: CoherentEntropyReactor, condition: str, runs: ConditionRuns) -> mx.array:
     reactor.reset_phase()
     x = make_input(condition)
     out = reactor(x)
@@ -80,6 +85,7 @@ def run_condition(reactor: CoherentEntropyReactor, condition: str, runs: Conditi
     runs.last.append(out.trajectory[-1].entropy)
     runs.output.append(state_entropy(out.y).item())
     runs.trajectories.append([s.__dict__.copy() for s in out.trajectory])
+    return x
 
 
 def run_mirror(seeds: list[int], dropout: bool = True, config: CERConfig | None = None) -> dict[str, ConditionRuns]:
@@ -89,8 +95,11 @@ def run_mirror(seeds: list[int], dropout: bool = True, config: CERConfig | None 
         mx.random.seed(seed)
         reactor = CoherentEntropyReactor(config)
         reactor.train(dropout)
-        for condition in CONDITIONS:
-            run_condition(reactor, condition, runs[condition])
+        inputs = {c: run_condition(reactor, c, runs[c]) for c in CONDITIONS}
+        # After the three mirror runs, so the mirror numbers do not depend on it.
+        for condition, x in inputs.items():
+            reactor.reset_phase()
+            runs[condition].commutation.append(commutation_cost(reactor, x))
     return runs
 
 
@@ -132,6 +141,7 @@ def summarize(runs: dict[str, ConditionRuns], seeds: list[int], dropout: bool) -
             "step_entropy_mean": per_step.mean(axis=0).tolist(),
             "step_entropy_std": per_step.std(axis=0).tolist(),
             "actions": counts,
+            "commutation": {k: _stat([c[k] for c in r.commutation]) for k in ("entropy_difference", "symmetric_kl")},
             "n_steps": n_steps,
             "published": PUBLISHED[condition],
             "verdict": verdict(condition, last["mean"], counts, n_steps),

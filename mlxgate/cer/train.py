@@ -52,7 +52,7 @@ class TrainConfig:
     steps: int = 300
     batch: int = 32
     seq: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-4
     entropy_weight: float = 0.1  # the original TrainingConfig's defaults
     mass_weight: float = 0.1
     grad_clip: float = 1.0

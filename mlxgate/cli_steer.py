@@ -190,7 +190,9 @@ def collect(model, vector, max_tokens, temp, top_p, top_k, seed, batch_size, all
     _positive("--batch-size", batch_size)
     if not 0 < kappa_lo < kappa_hi:
         raise UserError("need 0 < --kappa-lo < --kappa-hi")
-    kap = S.parse_coeff(kappa) if kappa is not None else None
+    kap = S.parse_coeff(kappa, "--kappa") if kappa is not None else None
+    if kap is not None and kap <= 0:
+        raise UserError("--kappa must be positive")
     contexts = E.load_contexts(contexts_file)
     lm, tok, info = load(model, dtype=dtype)
     sv = _load_vector(vector, info, allow_other_model)

@@ -142,7 +142,9 @@ def settle_and_collect(
     ``n_keep``) at the settled κ until ``n_keep`` pass, at most ``max_batches``.
 
     ``base``: model for the coherence score (default ``model``, hooks off). ``kappa``: skip the
-    walk and use this κ. Raises UserError when fewer than ``min_keep`` pass.
+    walk and use this κ. ``kept`` is cut to the first ``n_keep`` passing rows (surplus passes of
+    the last batch are discarded, not recorded as drops). Raises :class:`CollectError` (a
+    UserError carrying the partial result) when fewer than ``min_keep`` pass.
     """
     base = model if base is None else base
     stream = ContextStream(contexts, seed)

@@ -11,8 +11,10 @@ block, exactly the average shift that swapping the neg persona prompt for the po
 the assistant tag; C = 0.5 half of it. This unit is model-independent without any rescaling: the
 contrast is measured in the model's own residual stream, so it carries that model's hidden-state
 scale (gemma-3's residual norms are ~30x SmolLM2's and so are its vectors). It is also the unit
-of the published operating point (steer-heal-love: C = 0.5 coherent, C = 1 collapses
-gemma-3-4b-it), which a residual-norm-relative C would not reproduce. To compare doses across
+of the original (steer-heal-love's steering.py steers with the raw, uncalibrated mean-diff at
+C = alpha, alpha in {0.5, 0.75, 1.0}; C = 0.5 coherent, C = 1 collapses gemma-3-4b-it), which a
+residual-norm-relative C would not reproduce; and it gives walk-C's range a meaning: κ = 1 is the
+persona's full effect, never more. To compare doses across
 models anyway, the vector file records ``resid_norm`` (mean ‖h_L‖ at the last prompt token) and
 :func:`relative_dose` gives C·‖v_L‖ / resid_norm_L, the injected norm as a fraction of the
 typical residual norm (reported beside every generation). Note that the steered band's additions
@@ -42,16 +44,16 @@ MAX_TOKENS = 512
 GEN_BATCH = 16  # rows decoded together
 
 
-def parse_coeff(text) -> float:
-    """A finite float from user input (``--coeff``); anything else is a UserError."""
+def parse_coeff(text, name: str = "--coeff") -> float:
+    """A finite float from user input (``--coeff``, ``--kappa``); anything else is a UserError."""
     from mlxgate.errors import UserError
 
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise UserError(f"--coeff must be a number like 0.5; got {text!r}") from None
+        raise UserError(f"{name} must be a number like 0.5; got {text!r}") from None
     if not math.isfinite(value):
-        raise UserError(f"--coeff must be a finite number; got {text!r}")
+        raise UserError(f"{name} must be a finite number; got {text!r}")
     return value
 
 

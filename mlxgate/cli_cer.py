@@ -92,7 +92,7 @@ def _table(summary: dict) -> str:
 def mirror_cmd(seeds: str, dropout: bool, fmt: str, plot_path: str | None, json_out: str | None) -> None:
     """PEAKED / UNIFORM / RANDOM inputs [4, 16, 128] through a fresh reactor per seed."""
     from mlxgate.cer import mirror
-    from mlxgate.cer._io import write_json
+    from mlxgate.io import write_json
 
     seed_list = parse_seeds(seeds)
     if plot_path and not plot_path.lower().endswith(".png"):

@@ -165,7 +165,7 @@ def plot(summary: dict, path: str, config: CERConfig | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mlxgate.cer._io import atomic_path
+    from mlxgate.io import atomic_path
 
     cfg = config or CERConfig()
     fig, ax = plt.subplots(figsize=(7, 4.2))

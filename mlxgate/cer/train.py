@@ -39,7 +39,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxgate.cer._io import atomic_path, write_json
+from mlxgate.io import atomic_path, write_json
 from mlxgate.cer.model import BRAKE, ESCAPE, NONE, CERConfig, CoherentEntropyReactor
 from mlxgate.errors import UserError
 from mlxgate.ops import target_logprob

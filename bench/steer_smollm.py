@@ -45,10 +45,10 @@ def main(n_ctx: int = 64, max_tokens: int = 48) -> None:
         print("collect failed:", err)
         rows = err.result.dropped[:3]
     reasons = {}
-    for r in res.probes + res.dropped if "res" in dir() else []:
+    for r in (res.probes + res.kept + res.dropped) if "res" in dir() else []:
         for x in r.get("reason", "kept").split("; "):
             reasons[x.split(":")[0]] = reasons.get(x.split(":")[0], 0) + 1
-    print("probe+batch outcomes:", reasons)
+    print("probe + batch outcomes (a drop counts once per failed check):", reasons)
     for r in rows:
         print(json.dumps({k: r.get(k) for k in ("prompt", "completion", "coeff", "reason")})[:400])
 

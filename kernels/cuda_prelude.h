@@ -8,6 +8,10 @@
 #define MLXG_BARRIER() __syncthreads()
 #define MLXG_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #define MLXG_EXP(x) expf(x)
+// The per-element exp: ex2.approx (rel. error ~2^-22, exp(-inf) = 0), one MUFU op.
+#define MLXG_EXP_FAST(x) __expf(x)
+#define MLXG_FMAX(a, b) fmaxf((a), (b))
+#define MLXG_FLT_MAX 3.402823466e+38f
 #define MLXG_LOG(x) logf(x)
 #define MLXG_INF __int_as_float(0x7f800000)
 #define MLXG_NAN __int_as_float(0x7fffffff)

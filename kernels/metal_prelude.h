@@ -10,6 +10,9 @@
 #define MLXG_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
 #define MLXG_EXP(x) metal::precise::exp(x)
 #define MLXG_LOG(x) metal::precise::log(x)
+#define MLXG_EXP_FAST(x) metal::exp(x)
+#define MLXG_FMAX(a, b) metal::fmax((a), (b))
+#define MLXG_FLT_MAX FLT_MAX
 #define MLXG_INF INFINITY
 #define MLXG_NAN NAN
 // Apple GPUs have no 16-byte coalescing rule to honour: the same VEC-wide step, scalar loads.

@@ -38,12 +38,14 @@ KFN MlxgEnt mlxg_ent_rescale(MlxgEnt r, float mn) {
   return r;
 }
 
-// Fold one value z <= r.m in. NaN inputs poison s (and so every output).
+// Fold one value z <= r.m in; the caller has checked r.m > -inf. The hot loop: a -inf z
+// gives e = 0 and, clamped, t = -FLT_MAX, so e * t = 0 rather than NaN; a NaN z makes s NaN
+// (and so every output).
 KFN MlxgEnt mlxg_ent_add(MlxgEnt r, float z) {
   float t = z - r.m;
-  float e = (z == -MLXG_INF) ? 0.0f : MLXG_EXP(t);
+  float e = MLXG_EXP_FAST(t);
   r.s += e;
-  r.w += (e > 0.0f) ? e * t : 0.0f;
+  r.w += e * MLXG_FMAX(t, -MLXG_FLT_MAX);
   return r;
 }
 
@@ -103,8 +105,18 @@ KFN MlxgKl mlxg_kl_rescale_b(MlxgKl r, float mn) {
   return r;
 }
 
-// Fold one pair in (a <= r.ma, b <= r.mb). b = -inf where p > 0 makes u (and KL) +inf.
+// Fold one pair in (a <= r.ma, b <= r.mb; the caller has checked both maxima > -inf).
+// b = -inf where p > 0 makes u (and KL) +inf; where p = 0 the pair adds nothing.
 KFN MlxgKl mlxg_kl_add(MlxgKl r, float a, float b) {
+  float ea = MLXG_EXP_FAST(a - r.ma);
+  r.sa += ea;
+  r.u += (ea > 0.0f) ? ea * (a - b) : 0.0f;
+  r.sb += MLXG_EXP_FAST(b - r.mb);
+  return r;
+}
+
+// The same with each side guarded on its own: one of the two maxima may still be -inf.
+KFN MlxgKl mlxg_kl_add_slow(MlxgKl r, float a, float b) {
   float ea = (a == -MLXG_INF) ? 0.0f : MLXG_EXP(a - r.ma);
   r.sa += ea;
   r.u += (ea > 0.0f) ? ea * (a - b) : 0.0f;
@@ -135,3 +147,23 @@ KFN MlxgKl mlxg_kl_warp_reduce(MlxgKl r) {
   }
   return r;
 }
+
+// One VEC-wide step of kl_fwd over float va[VEC], vb[VEC] (a macro: VEC is the kernel's
+// template constant, and Metal wants no array parameters): move to the step's maxima, then
+// fold the pairs in.
+#define MLXG_KL_STEP(st, va, vb)                                                  \
+  {                                                                               \
+    float ca_ = va[0];                                                            \
+    float cb_ = vb[0];                                                            \
+    for (int k_ = 1; k_ < VEC; ++k_) {                                            \
+      ca_ = (va[k_] > ca_) ? va[k_] : ca_;                                        \
+      cb_ = (vb[k_] > cb_) ? vb[k_] : cb_;                                        \
+    }                                                                             \
+    if (ca_ > st.ma) st = mlxg_kl_rescale_a(st, ca_);                             \
+    if (cb_ > st.mb) st = mlxg_kl_rescale_b(st, cb_);                             \
+    if (st.ma > -MLXG_INF && st.mb > -MLXG_INF) {                                 \
+      for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add(st, va[k_], vb[k_]);      \
+    } else {                                                                      \
+      for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add_slow(st, va[k_], vb[k_]); \
+    }                                                                             \
+  }

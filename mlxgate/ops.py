@@ -139,6 +139,29 @@ def _rowsum(x: mx.array) -> mx.array:
 
 # ----------------------------------------------------------------- composed (CPU) chunks
 
+# e^r on |r| <= ln2/2: Taylor to r^7/5040 (rel. error < 2e-8 there).
+_EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040)
+_LN2_HI, _LN2_LO = 0.693145751953125, 1.428606765330187e-06  # Cody-Waite split of ln 2
+
+
+def _exp_nonpos(t: mx.array) -> mx.array:
+    """exp(t) for float32 t <= ~0 (-inf -> 0, NaN -> NaN), from mul/add/shift only.
+
+    Why: MLX's CPU exp on x86-64 wheels calls the software ``fma`` six times per element
+    (~28 ns each on the CI machine, 85% of the naive ops' time); inside ``mx.compile`` this
+    form becomes one plain loop, ~7x faster. Max rel. error ~1e-7 down to 2^-126; smaller
+    results flush to 0.
+    """
+    k = mx.maximum(t * 1.4426950408889634, -127.0)
+    k = (k + 12582912.0) - 12582912.0  # round to nearest integer (|k| < 2^22)
+    r = (t - k * _LN2_HI) - k * _LN2_LO
+    r = mx.where(k == -127.0, 0.0, r)  # t = -inf: keep r finite, the 2^k factor below is 0
+    p = _EXP_TAYLOR[-1]
+    for c in _EXP_TAYLOR[-2::-1]:
+        p = p * r + c
+    two_k = ((k + 127.0).astype(mx.int32) << 23).view(mx.float32)  # 2^k; k = -127 -> 0.0
+    return p * two_k
+
 
 def _ent_chunk(x: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]:
     """(H, lse[, log p[id]]) of a [r, V] chunk, float32 [r] each."""
@@ -146,7 +169,7 @@ def _ent_chunk(x: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]
     m = mx.where(m == -mx.inf, 0.0, m)  # all -inf row: t = -inf, e = 0, lse = -inf
     # Clamp so that e * t is 0 (not 0 * -inf) at -inf logits; NaN passes through.
     t = mx.maximum(x.astype(mx.float32) - m, -3.0e38)
-    e = mx.exp(t)
+    e = _exp_nonpos(t)
     s = _rowsum(e)
     ls = mx.log(s)
     out = (ls - _rowdot(e, t) / s, m[:, 0] + ls)
@@ -164,9 +187,9 @@ def _kl_chunk(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     mb = mx.max(b, axis=-1, keepdims=True)
     ma = mx.where(ma == -mx.inf, 0.0, ma)
     mb = mx.where(mb == -mx.inf, 0.0, mb)
-    ea = mx.exp(a - ma)
+    ea = _exp_nonpos(a - ma)
     sa = _rowsum(ea)
-    sb = _rowsum(mx.exp(b - mb))
+    sb = _rowsum(_exp_nonpos(b - mb))
     u = _rowdot(ea, mx.where(ea > 0, a - b, 0.0))
     ma, mb = ma[:, 0], mb[:, 0]
     # KL = E_p[a - b] - lse_a + lse_b with the maxima kept apart: exactly 0 when a == b.
@@ -176,7 +199,7 @@ def _kl_chunk(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 
 def _ent_bwd_chunk(x, lse, ent, c_ent, c_lse, c_tlp, ids):
     lp = x.astype(mx.float32) - lse[:, None]
-    p = mx.exp(lp)
+    p = _exp_nonpos(lp)
     coef = (c_lse - c_tlp)[:, None] - c_ent[:, None] * (lp + ent[:, None])
     g = mx.where(p > 0, p * coef, 0.0)
     if ids is not None:
@@ -188,8 +211,8 @@ def _ent_bwd_chunk(x, lse, ent, c_ent, c_lse, c_tlp, ids):
 def _kl_bwd_chunk(a, b, lse_a, lse_b, kl, c_kl, c_la, c_lb):
     la = a.astype(mx.float32) - lse_a[:, None]
     lb = b.astype(mx.float32) - lse_b[:, None]
-    p = mx.exp(la)
-    q = mx.exp(lb)
+    p = _exp_nonpos(la)
+    q = _exp_nonpos(lb)
     c = c_kl[:, None]
     pc = mx.where(p > 0, p * c, 0.0)
     ga = mx.where(p > 0, p * ((la - lb - kl[:, None]) * c + c_la[:, None]), 0.0)

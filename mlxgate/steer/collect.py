@@ -8,7 +8,7 @@ the model being steered, with its hooks off).
 
 Row format (JSONL; read by heal): ``prompt`` (the user message), ``completion`` (decoded text),
 ``prompt_ids`` (chat ids of the unsteered prompt), ``completion_ids`` (generated ids, EOS
-excluded), ``coeff`` (C), ``kappa``, ``alpha``, ``finish`` ("eos" | "length"), ``seed``; after the
+excluded), ``coeff`` (C), ``kappa``, ``alpha``, ``finish`` ("eos" | "length"), ``seed``, ``entropy_mean`` (mean H_t, nats, under steering); after the
 filter also ``scores``, ``kept`` and, for drops, ``reason``.
 """
 
@@ -95,6 +95,8 @@ def generate_rows(
                 "alpha": None if alphas is None else float(alphas[i]),
                 "finish": comp.finish,
                 "seed": seed,
+                # mean H_t (nats) of the steered model's raw logits over the completion
+                "entropy_mean": float(np.mean(comp.entropy)) if len(comp.entropy) else None,
             }
         )
     return rows

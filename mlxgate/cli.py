@@ -249,7 +249,7 @@ def _register_optional() -> None:
     """Commands that live in their own modules (added as their issues land)."""
     import importlib
 
-    for module, attr, name in (("mlxgate.cli_cer", "cer_group", "cer"), ("mlxgate.cli_analysis", "compare", "compare"), ("mlxgate.cli_analysis", "spectrum", "spectrum"), ("mlxgate.cli_analysis", "dashboard", "dashboard"), ("mlxgate.cli_steer", "steer", "steer"), ("mlxgate.cli_heal", "heal_cmd", "heal"), ("mlxgate.cli_heal", "bake_cmd", "bake"), ("mlxgate.cli_eval", "eval_group", "eval")):
+    for module, attr, name in (("mlxgate.cli_cer", "cer_group", "cer"), ("mlxgate.cli_analysis", "compare", "compare"), ("mlxgate.cli_analysis", "spectrum", "spectrum"), ("mlxgate.cli_analysis", "dashboard", "dashboard"), ("mlxgate.cli_steer", "steer", "steer"), ("mlxgate.cli_heal", "heal_cmd", "heal"), ("mlxgate.cli_heal", "bake_cmd", "bake"), ("mlxgate.cli_eval", "eval_group", "eval"), ("mlxgate.cli_loop", "loop_cmd", "loop")):
         try:
             mod = importlib.import_module(module)
         except ImportError:

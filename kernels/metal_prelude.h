@@ -7,6 +7,7 @@
 #define MLXG_GPTR const device
 #define MLXG_OPTR device
 #define MLXG_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MLXG_UNROLL _Pragma("clang loop unroll(full)")
 #define MLXG_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
 #define MLXG_EXP(x) metal::precise::exp(x)
 #define MLXG_LOG(x) metal::precise::log(x)

@@ -151,19 +151,19 @@ KFN MlxgKl mlxg_kl_warp_reduce(MlxgKl r) {
 // One VEC-wide step of kl_fwd over float va[VEC], vb[VEC] (a macro: VEC is the kernel's
 // template constant, and Metal wants no array parameters): move to the step's maxima, then
 // fold the pairs in.
-#define MLXG_KL_STEP(st, va, vb)                                                  \
-  {                                                                               \
-    float ca_ = va[0];                                                            \
-    float cb_ = vb[0];                                                            \
-    for (int k_ = 1; k_ < VEC; ++k_) {                                            \
-      ca_ = (va[k_] > ca_) ? va[k_] : ca_;                                        \
-      cb_ = (vb[k_] > cb_) ? vb[k_] : cb_;                                        \
-    }                                                                             \
-    if (ca_ > st.ma) st = mlxg_kl_rescale_a(st, ca_);                             \
-    if (cb_ > st.mb) st = mlxg_kl_rescale_b(st, cb_);                             \
-    if (st.ma > -MLXG_INF && st.mb > -MLXG_INF) {                                 \
-      for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add(st, va[k_], vb[k_]);      \
-    } else {                                                                      \
-      for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add_slow(st, va[k_], vb[k_]); \
-    }                                                                             \
+#define MLXG_KL_STEP(st, va, vb) \
+  { \
+    float ca_ = va[0]; \
+    float cb_ = vb[0]; \
+    MLXG_UNROLL for (int k_ = 1; k_ < VEC; ++k_) { \
+      ca_ = (va[k_] > ca_) ? va[k_] : ca_; \
+      cb_ = (vb[k_] > cb_) ? vb[k_] : cb_; \
+    } \
+    if (ca_ > st.ma) st = mlxg_kl_rescale_a(st, ca_); \
+    if (cb_ > st.mb) st = mlxg_kl_rescale_b(st, cb_); \
+    if (st.ma > -MLXG_INF && st.mb > -MLXG_INF) { \
+      MLXG_UNROLL for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add(st, va[k_], vb[k_]); \
+    } else { \
+      MLXG_UNROLL for (int k_ = 0; k_ < VEC; ++k_) st = mlxg_kl_add_slow(st, va[k_], vb[k_]); \
+    } \
   }

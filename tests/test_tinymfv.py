@@ -418,3 +418,76 @@ def test_cli_bad_inputs(tiny_dirs, tmp_path):
     assert r.exit_code == 2 and "hidden size 32" in r.output
     r = run("--vector", str(path), "--coeff", "abc", "--limit", "1")
     assert r.exit_code == 2 and "--coeff must be a number" in r.output
+
+
+# ----------------------------------------------------------------------------- the embedded instruct model
+
+
+def _llama_last_logits(model, seq: list[int]) -> np.ndarray:
+    """Last-position logits of an mlx-lm llama without a cache or padding, applying the head to
+    that one position only (the full [L, V] head is most of a 135M model's forward)."""
+    h = model.model(mx.array([seq]))[:, -1]
+    head = model.model.embed_tokens.as_linear if model.args.tie_word_embeddings else model.lm_head
+    return np.array(head(h)[0]).astype(np.float64)
+
+
+@pytest.mark.slow
+def test_smollm_word_readout_and_oracle(smollm):
+    """SmolLM2's option tokens are distinct word pieces; the batched readout of a real model matches
+    the unbatched forward, and the thinking never closes the turn."""
+    model, tok, _ = smollm
+    pieces = {o: tok.decode([i]) for o, i in zip(T.OPTIONS, T.option_tokens(tok))}
+    assert pieces == {"care": "care", "fairness": "fair", "loyalty": "l", "authority": "author", "sanctity": "san", "liberty": "lib", "social": "social"}
+    rows = T.load_rows(limit=1)
+    n = 3
+    res = T.evaluate_tinymfv(model, tok, rows=rows, think_tokens=n, batch_size=2)
+    assert res["settings"]["suppressed_ids"] == [2]  # <|im_end|>, SmolLM2's EOS and end-of-turn
+    opt = T.option_tokens(tok)
+    for k, (frame, order) in enumerate(T.FRAMES.items()):
+        p, s = T.frame_ids(tok, T.frame_prompt(rows[0]["text"], order))
+        t = []
+        for _ in range(n):  # uncached greedy with <|im_end|> banned
+            z = _llama_last_logits(model, p + t)
+            z[2] = -np.inf
+            t.append(int(z.argmax()))
+        assert res["rows"][0][f"think_{frame}"] == tok.decode(t)
+        got = res["rows"][0][f"lp_{frame}"]
+        want = logsoftmax64(_llama_last_logits(model, p + t + s))[opt]
+        np.testing.assert_allclose([got[o] for o in T.OPTIONS], want, atol=2e-3)
+    assert 0.0 < res["aggregates"]["coherence"] <= 1.0
+
+
+def test_cli_adapters_and_vector_match_library(tiny_dirs, tmp_path):
+    """--adapters folds the rounds like mlx-lm's own adapter loading; --vector/--coeff steer like
+    the library's steer=dict(vectors, coeff)."""
+    from _adapter_fixture import make_adapter
+
+    from mlxgate.models import load
+    from mlxgate.steer import extract as E
+
+    src = tiny_dirs["llama"]
+    adapter = make_adapter(src, tmp_path / "ad", b_std=0.2)
+    vec = np.random.default_rng(1).standard_normal(64).astype(np.float32)
+    path = E.save(E.SteeringVector({2: vec}, {"model": src, "model_type": "llama", "n_layers": 4, "hidden_size": 64}), tmp_path / "v.safetensors")
+    args = ["eval", "tinymfv", "--model", src, "--limit", "1", "--think-tokens", "2", "--format", "json"]
+
+    def cli(*extra):
+        out = tmp_path / "o.json"
+        r = CliRunner().invoke(main, [*args, *extra, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())
+
+    rows = T.load_rows(limit=1)
+    lp = lambda res: np.array([list(res["rows"][0][f"lp_{f}"].values()) for f in "AB"])  # noqa: E731
+    model, tok, _ = load(src, adapter_path=str(adapter))
+    adapted = cli("--adapters", str(adapter))
+    assert adapted["settings"]["adapted_modules"] > 0
+    np.testing.assert_allclose(lp(adapted), lp(T.evaluate_tinymfv(model, tok, rows=rows, think_tokens=2)), atol=1e-4)
+    model, tok, _ = load(src)
+    plain = cli()
+    assert np.abs(lp(adapted) - lp(plain)).max() > 1e-3
+    steered = cli("--vector", str(path), "--coeff", "3")
+    assert steered["settings"]["steer"] == {"layers": [2], "coeff": 3.0}
+    want = T.evaluate_tinymfv(model, tok, rows=rows, think_tokens=2, steer={"vectors": {2: vec}, "coeff": 3.0})
+    np.testing.assert_allclose(lp(steered), lp(want), atol=1e-4)
+    assert np.abs(lp(steered) - lp(plain)).max() > 1e-3

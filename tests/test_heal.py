@@ -51,14 +51,24 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- data and masks
 
 
-def test_collate_masks_prompt_and_padding():
+def test_collate_masks_prompt_and_padding_and_select():
     a = H.Example([5, 6, 7], [8, 9])  # 5 tokens
     b = H.Example([5, 6], [10, 11, 12, 13])  # 6 tokens
-    ids, mask = H.collate([a, b], pad_to=4)
-    assert ids.shape == (2, 9) and mask.shape == (2, 8)  # 1 + 4·ceil(5/4)
-    assert np.array(ids).tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 0], [5, 6, 10, 11, 12, 13, 0, 0, 0]]
+    ids, mask = H.collate([a, b])
+    assert ids.shape == (2, 17) and mask.shape == (2, 16)  # 1 + bucket(5) = 1 + 16
+    pad = [0] * 11
+    assert np.array(ids).tolist() == [[5, 6, 7, 8, 9] + pad + [0], [5, 6, 10, 11, 12, 13] + pad]
     # target j is ids[j+1]: completion targets only.
-    assert np.array(mask).tolist() == [[0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0]]
+    assert np.array(mask).tolist() == [[0, 0, 1, 1] + [0] * 12, [0, 1, 1, 1, 1] + [0] * 11]
+    sel, w = H.select(mask)
+    assert np.array(sel).tolist() == [2, 3, 17, 18, 19, 20] + [0] * 10
+    assert np.array(w).tolist() == [1.0] * 6 + [0.0] * 10
+
+
+def test_bucket_grid():
+    assert [H.bucket(n) for n in (0, 1, 16, 17, 64, 65, 110, 116, 129, 142, 161, 300, 513)] == [
+        16, 16, 16, 32, 64, 80, 112, 128, 160, 160, 192, 320, 640]
+    assert all(0 <= H.bucket(n) - n < max(16, n / 4) for n in range(1, 5000))  # <= 25% padding past 64
 
 
 def test_make_examples_eos_finish_and_drops(tiny_dir):
@@ -169,7 +179,8 @@ def test_barrier_rmse_fires_on_a_short_loop_mean_does_not():
 # ----------------------------------------------------------------------------- loss
 
 
-def test_loss_matches_float64_oracle_and_ignores_prompt_and_padding_labels(tiny_dir):
+@pytest.mark.parametrize("objective, lam_h", [("sft", 0.0), ("sft-entropy", 0.25)])
+def test_loss_matches_float64_oracle_and_ignores_prompt_and_padding_labels(tiny_dir, objective, lam_h):
     model, tok, _ = load(tiny_dir)
     switch = lora.attach(model, rank=4, scale=2.0, seed=1)
     layers = [m for _, m in lora.stacked_layers(model)]
@@ -177,11 +188,12 @@ def test_loss_matches_float64_oracle_and_ignores_prompt_and_padding_labels(tiny_
     for m in layers:  # a non-zero current round so KL, barrier and spectral are all non-zero
         m.lora_b = mx.array(rng.normal(0, 0.3, m.lora_b.shape), dtype=mx.float32)
     ex = [H.Example([1, 40, 41, 42, 2], [50, 51, 52, 53, 54, 2]), H.Example([1, 43, 2], [60, 61, 2])]
-    ids, mask = H.collate(ex, pad_to=4)
+    ids, mask = H.collate(ex)
+    sel, w = H.select(mask)
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    cfg = H.HealConfig(tau=0.01, agg="rmse", spectral_lam=0.01)
+    cfg = H.HealConfig(tau=0.01, agg="rmse", spectral_lam=0.01, objective=objective, entropy_lam=lam_h)
     loss = H.make_loss(switch, layers, cfg, lam_r=0.7)
-    out = [float(x) for x in loss(model, inputs, targets, mask)]
+    out = [float(x) for x in loss(model, inputs, targets, sel, w)]
 
     with lora.lora_mode(switch, current=False, prev=True):
         ref = _logits_np(model(inputs))
@@ -199,22 +211,25 @@ def test_loss_matches_float64_oracle_and_ignores_prompt_and_padding_labels(tiny_
     assert o_sft == pytest.approx(sft, rel=1e-5)
     assert o_agg == pytest.approx(rmse, rel=1e-4) and o_mean == pytest.approx(kl[m].mean(), rel=1e-4)
     assert o_bar == pytest.approx(barrier, rel=1e-4) and barrier > 0.01
-    assert o_ent == pytest.approx(ent, rel=1e-5)
     exact = [lora_sigma(m) for m in layers]
     assert 0.01 * 0.5 * np.mean(exact) < o_spec <= 0.01 * np.mean(exact) * (1 + 1e-5)
-    assert total == pytest.approx(o_sft + o_bar + o_spec, rel=1e-6)
+    if objective == "sft":
+        assert math.isnan(o_ent) and total == pytest.approx(o_sft + o_bar + o_spec, rel=1e-6)
+    else:
+        assert o_ent == pytest.approx(ent, rel=1e-5)
+        assert total == pytest.approx(o_sft + o_bar + o_spec - lam_h * ent, rel=1e-5)
 
     # Labels at prompt and padding positions, and the padding inputs, change nothing.
     t2, i2 = np.array(targets), np.array(inputs)
     t2[~m] = rng.integers(3, 250, int((~m).sum()))
     i2[0, 11:] = rng.integers(3, 250, i2.shape[1] - 11)  # row 0 is 11 tokens long
     i2[1, 5:] = rng.integers(3, 250, i2.shape[1] - 5)
-    out2 = [float(x) for x in loss(model, mx.array(i2), mx.array(t2), mask)]
-    assert out2 == pytest.approx(out, rel=1e-6, abs=1e-7)
+    out2 = [float(x) for x in loss(model, mx.array(i2), mx.array(t2), sel, w)]
+    np.testing.assert_allclose(out2, out, rtol=1e-6, atol=1e-7)
     # A completion label does change it (the check above can fail).
     t3 = np.array(targets)
     t3[0, 6] = 99
-    assert float(loss(model, inputs, mx.array(t3), mask)[1]) != pytest.approx(sft, rel=1e-4)
+    assert float(loss(model, inputs, mx.array(t3), sel, w)[1]) != pytest.approx(sft, rel=1e-4)
 
 
 def lora_sigma(m: lora.StackedLoRALinear) -> float:

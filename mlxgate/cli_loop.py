@@ -34,6 +34,8 @@ HELP = {
 }
 CHOICES = {"agg": ["mean", "rmse", "p95", "max"], "ref": ["prev", "base"], "kl": ["rev", "fwd"], "dtype": ["float32", "bfloat16", "float16"]}
 SKIP = {"preset"}
+FLOATS = {"kappa"}  # default None: the type is not readable from the default
+INTS = {"eval_limit"}
 
 
 def _setting_options(f):
@@ -51,17 +53,14 @@ def _setting_options(f):
         if isinstance(paper, bool):
             f = click.option(f"{name}/--no-{name[2:]}", fld.name, default=None, help=help_text)(f)
             continue
-        kind = {"int": int, "float": float}.get(str(fld.type).split(" ")[0].replace("|", "").strip(), None)
         if fld.name in CHOICES:
             typ = click.Choice(CHOICES[fld.name])
-        elif isinstance(paper, bool):
-            typ = bool
-        elif isinstance(paper, int) or fld.name in ("eval_limit",):
-            typ = int
-        elif isinstance(paper, float) or fld.name == "kappa":
+        elif fld.name in FLOATS or isinstance(paper, float):
             typ = float
+        elif fld.name in INTS or isinstance(paper, int):
+            typ = int
         else:
-            typ = kind or str
+            typ = str
         f = click.option(name, fld.name, type=typ, default=None, help=help_text)(f)
     return f
 

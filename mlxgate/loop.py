@@ -146,12 +146,14 @@ class LoopConfig:
 FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 # `paper`: the published settings (SPEC §5.1-§5.6 defaults, 8 rounds, rmse barrier).
-# `quick`: a smoke run for a laptop CPU with the embedded model (minutes, not hours).
+# `quick`: a smoke run for a laptop CPU with the embedded model (minutes, not hours): 16 contexts,
+# 32 new tokens, 8 kept (4 minimum), walk-C over [0.5, 1] (4 probes of 4 instead of 6 of 8),
+# 2 heal epochs at rank 8, tinymfv on 8 vignettes spread over the foundations with 16 think tokens.
 PRESETS: dict[str, dict] = {
     "paper": {},
     "quick": dict(
-        rounds=2, n_contexts=16, max_tokens=40, gen_batch=8, n_keep=8, min_kept=4, max_batches=2, probe_n=4,
-        kappa_lo=0.25, kappa_hi=1.0, epochs=2, rank=8, alpha=16.0, heal_batch=4, eval_limit=8, think_tokens=16, sample_n=1,
+        rounds=2, n_contexts=16, max_tokens=32, gen_batch=8, n_keep=8, min_kept=4, max_batches=2, probe_n=4,
+        kappa_lo=0.5, kappa_hi=1.0, epochs=2, rank=8, alpha=16.0, heal_batch=4, eval_limit=8, think_tokens=16, sample_n=1,
     ),
 }
 
@@ -303,7 +305,7 @@ class Recorder:
         self.t0 = time.time()
 
     def __call__(self, stage: str, **fields) -> dict:
-        ev = {"time": round(time.time(), 3), "round": self.round, "stage": stage, **fields}
+        ev = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "round": self.round, "stage": stage, **fields}
         ev = _jsonable(ev)
         try:
             IO.append_jsonl(self.path, ev)
@@ -638,7 +640,6 @@ def run_loop(
     runs_root: str | Path = "runs",
 ) -> LoopResult:
     """Run (or, with ``resume``, continue) a loop in ``run_dir`` (default runs/<ts>_<model>_<agg>_s<seed>)."""
-    from mlxgate import backend
     from mlxgate.models import load
     from mlxgate.steer.extract import load_contexts
 
@@ -652,7 +653,15 @@ def run_loop(
         if created:
             shutil.rmtree(run, ignore_errors=True)
         raise
-    rec = Recorder(run, on_event)
+    try:
+        return _run(cfg, run, resume, model, tokenizer, info, contexts, Recorder(run, on_event))
+    except OSError as err:  # disk full, permissions changed under us: one line, the committed rounds intact
+        raise UserError(f"I/O error in run directory {run}: {err.strerror or err}; fix it and continue with `mlxgate loop --resume {run}`") from None
+
+
+def _run(cfg: LoopConfig, run: Path, resume: bool, model, tokenizer, info, contexts: list[str], rec: Recorder) -> LoopResult:
+    from mlxgate import backend
+
     if resume:
         data = read_config(run)
         saved_info = data.get("model_info") or {}
@@ -660,6 +669,9 @@ def run_loop(
             if key in saved_info and saved_info[key] != getattr(info, key):
                 raise UserError(f"{run} was run on a model with {key} {saved_info[key]}, but {cfg.model} has {getattr(info, key)}")
         _repair_events(run / EVENTS_FILE)
+        for p in run.iterdir():  # temporaries of a write that a kill interrupted
+            if p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         done = _committed_rounds(run, discard=True)
         rec("resume", completed_rounds=done)
     else:
@@ -675,7 +687,6 @@ def run_loop(
         _write_json(run / CONFIG_FILE, config)
         rec("start", model=cfg.model, preset=cfg.preset, rounds=cfg.rounds, backend=backend.backend_label())
 
-    contexts = contexts  # same contexts every round (extraction and generation)
     result = LoopResult(run, model=model, tokenizer=tokenizer)
     if not is_done(run, 0):
         run_base(model, tokenizer, cfg, run, rec)
@@ -725,6 +736,7 @@ def write_report(run: Path, cfg: LoopConfig, records: list[dict], floor: float, 
 
     plots = plot_all(records, run)
     f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
+    g = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731  (KL spans 1e-5 .. 10 nats)
     lines = [
         f"# mlxgate loop: {cfg.model}",
         "",
@@ -750,8 +762,8 @@ def write_report(run: Path, cfg: LoopConfig, records: list[dict], floor: float, 
                 f"{rec['kept']}/{rec['generated']}" if "kept" in rec else "-",
                 f(e.get("auth_nats")), f(e.get("care_nats")), f(e.get("coherence"), 4),
                 f"{f(st.get('auth_nats'))} / {f(st.get('coherence'), 4)}" if st else "-",
-                f(kl.get("mean")), f(kl.get("rmse")), f(kl.get("p95")), f(kl.get("max")),
-                f(heal.get("hinge_active_frac"), 2), f((rec.get("adapter_spectra") or {}).get("sigma_max")),
+                g(kl.get("mean")), g(kl.get("rmse")), g(kl.get("p95")), g(kl.get("max")),
+                f(heal.get("hinge_active_frac"), 2), g((rec.get("adapter_spectra") or {}).get("sigma_max")),
                 f(rec.get("entropy_kept")), f(rec.get("entropy_samples")), f(sum(rec.get("timings", {}).values()), 0),
             ]) + " |"
         )

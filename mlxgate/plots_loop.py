@@ -35,8 +35,11 @@ def _figure(n_axes: int = 1):
 
 
 def _finish(plt, fig, axes, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("round (0 = base)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

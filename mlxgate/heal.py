@@ -360,6 +360,7 @@ def heal(
     cfg.validate()
     if not examples:
         raise UserError("no training examples (all completions were dropped)")
+    prev_adapters = list(prev_adapters)
     prev = [lora.read_adapter(p)[1] for p in prev_adapters]
     r = cfg.round if cfg.round is not None else len(prev)
     lam_r = cfg.lam_r(r)
@@ -426,7 +427,7 @@ def heal(
             }
             for key in ("loss", "sft", "kl_agg", "entropy"):
                 if rec[key] is not None and not math.isfinite(rec[key]):
-                    raise FloatingPointError(f"heal: {key} became {rec[key]} at step {step}")
+                    raise UserError(f"heal diverged: {key} became {rec[key]} at step {step}; try a lower --lr")
             history.append(rec)
             if on_step is not None:
                 on_step(rec)

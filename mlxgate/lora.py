@@ -121,6 +121,8 @@ def attach(model: nn.Module, rank: int, scale: float, prev: list[dict[str, LoRAF
     """Freeze ``model`` and replace the q,k,v,o,gate,up,down projections of the adapted blocks
     with :class:`StackedLoRALinear` (``prev``: one {module path: factors} per earlier round).
     Only ``lora_a``/``lora_b`` of the current round are trainable. Returns the shared switch."""
+    if any(isinstance(m, StackedLoRALinear) for _, m in model.named_modules()):
+        raise ValueError("model already has a LoRA stack; load a fresh model for each heal round")
     switch = LoRASwitch()
     model.freeze()
     mx.random.seed(seed)
@@ -139,6 +141,10 @@ def attach(model: nn.Module, rank: int, scale: float, prev: list[dict[str, LoRAF
                 raise UserError(f"block {i} {key} is a {type(lin).__name__}, not a linear layer; cannot add LoRA")
             path = f"{block_paths[id(block)]}.{key}"
             factors = [r[path] for r in prev if path in r]
+            in_dims, out_dims = _dims(lin)
+            for f in factors:
+                if f.a.shape[0] != in_dims or f.b.shape[-1] != out_dims:
+                    raise UserError(f"an earlier adapter's {path} is {f.a.shape[0]}->{f.b.shape[-1]}, the model's is {in_dims}->{out_dims}: adapter from another model?")
             new.append((key, StackedLoRALinear(lin, rank, scale, switch, factors)))
         found += len(new)
         block.update_modules(tree_unflatten(new))

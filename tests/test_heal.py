@@ -91,6 +91,16 @@ def test_make_examples_eos_finish_and_drops(tiny_dir):
     assert dropped == {"empty_completion": 1, "too_long": 1}
 
 
+def test_turn_end_id_is_the_token_closing_an_assistant_turn(tmp_path):
+    """Gemma ends a turn with <end_of_turn>, not <eos>: completions are trained to stop the way
+    the model's chat format does."""
+    _, tok, _ = load(str(make_tiny_checkpoint(tmp_path / "g", "gemma3_text")))
+    end = H.turn_end_id(tok)
+    assert len(tok.eos_token_ids) == 2 and tok.convert_ids_to_tokens(end) == "<end_of_turn>" and end != tok.eos_token_id
+    ex, _ = H.make_examples(tok, [{"prompt": "hi", "completion": "ok"}])
+    assert ex[0].completion_ids[-1] == end
+
+
 def test_read_records_errors_and_kept_flag(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c", "completion": "d", "kept": false}\n')
@@ -383,3 +393,23 @@ def test_cli_heal_writes_adapter(tiny_dir, tmp_path):
     rec = json.loads((out / "heal.json").read_text())
     assert rec["config"]["agg"] == "p95" and rec["config"]["scale"] == 2.0 and len(rec["history"]) == 3
     assert "hinge active on" in res.output
+
+
+def test_round_two_reference_prev_vs_base(tiny_dir, tmp_path):
+    """Round 2 on top of round 1: the fresh adapter starts at KL ≈ 0 to ref prev (round 1 on) but
+    not to ref base (round 1 off); λ_r follows λ·(1+r)^pow with r = number of earlier rounds."""
+    r0 = _train(tiny_dir, tmp_path / "r0", epochs=2)
+    first = {}
+    for ref in ("prev", "base"):
+        model, tok, _ = load(tiny_dir)
+        ex, _ = H.make_examples(tok, _records(12))
+        cfg = H.HealConfig(epochs=1, batch_size=4, lr=1e-3, rank=4, alpha=8, ref=ref, lam_pow=1.0, val_frac=0.0)
+        res = H.heal(model, tok, ex, cfg, prev_adapters=[r0])
+        first[ref] = res.history[0]["kl_mean"]
+        assert res.summary["round"] == 1 and res.summary["lam_r"] == pytest.approx(0.3 * 2)
+    assert first["prev"] < 1e-6 < 1e-3 < first["base"]
+    model, tok, _ = load(tiny_dir)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(mlxgate.errors.UserError, match="not an adapter directory"):
+        H.heal(model, tok, H.make_examples(tok, _records(4))[0], H.HealConfig(epochs=1), prev_adapters=[bad])

@@ -59,3 +59,38 @@ def append_jsonl(path: str | Path, obj) -> None:
         fh.write(json.dumps(obj) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; on success it takes ``path``'s place
+    (an existing directory is replaced), on any error it is removed. Readers see the old directory
+    or the complete new one, never a partial one."""
+    import shutil
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    old = None
+    try:
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"{path} exists and is not a directory")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -73,7 +73,7 @@ def compare(model_a, model_b, adapter_dir, text, text_file, prompt_list, prompts
     On a given text (--text/--text-file): every position, teacher-forced. Otherwise A completes
     each prompt greedily and both models are scored teacher-forced on A's tokens: the positions
     are A's generated tokens. Aggregates per prompt and pooled over all positions; rmse is
-    sqrt(mean KL² + 1e-8) (SPEC §3.3). With --adapter both A and A+adapter are held in memory.
+    sqrt(mean KL²). With --adapter both A and A+adapter are held in memory.
     """
     from mlxgate import compare as C
     from mlxgate.models import load

@@ -10,8 +10,8 @@ A's logits and Q of B's, both in float32 (``mlxgate.ops.kl``), in nats. S is:
   picked from; the EOS that ended it is not a position, as in ``measure``).
 
 Aggregates per sequence and pooled over all positions of all sequences are
-``mlxgate.analysis.kl_stats.kl_aggregates`` (mean, rmse = sqrt(mean KL² + 1e-8), p95, max): note
-the SPEC's 1e-8 inside the root, so the rmse of identical models is 1e-4, not 0.
+``mlxgate.analysis.kl_stats.kl_aggregates`` (mean, rmse = sqrt(mean KL²), p95, max): exact, so
+identical models give 0 for all four (the barrier's 1e-8 epsilon is for training gradients only).
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
+from mlxgate import distributed as D  # noqa: E402
 from mlxgate import lora, ops  # noqa: E402
-from mlxgate.analysis.kl_stats import KL_AGGS, aggregate_kl, kl_aggregates  # noqa: E402
+from mlxgate.analysis.kl_stats import KL_AGGS, RMSE_EPS, aggregate_kl, kl_aggregates  # noqa: E402
 from mlxgate.analysis.spectral import power_iteration_sigma_max  # noqa: E402
 from mlxgate.errors import UserError  # noqa: E402
 
@@ -249,13 +250,14 @@ def collate(batch: list[Example]) -> tuple[mx.array, mx.array]:
     return mx.array(ids), mx.array(mask)
 
 
-def select(mask: mx.array) -> tuple[mx.array, mx.array]:
+def select(mask: mx.array, n: int | None = None) -> tuple[mx.array, mx.array]:
     """Flat indices ``sel`` [N] int32 of the completion targets (mask > 0) of a [B, T] mask, and
     weights ``w`` [N] float32 (1 for them). N is rounded up by :func:`bucket` (padding entries:
-    index 0, weight 0). The vocabulary-sized work (log-softmax, KL, entropy) then runs only on
-    these rows, never on prompt or padding rows."""
+    index 0, weight 0), or is ``n`` when given (>= the count; data-parallel ranks pad to a common
+    N). The vocabulary-sized work (log-softmax, KL, entropy) then runs only on these rows, never
+    on prompt or padding rows."""
     flat = np.flatnonzero(np.array(mask).reshape(-1) > 0).astype(np.int32)
-    n = bucket(flat.size)
+    n = bucket(flat.size) if n is None else n
     sel = np.zeros(n, np.int32)
     sel[: flat.size] = flat
     w = np.zeros(n, np.float32)
@@ -289,15 +291,49 @@ def barrier_term(kl_t: mx.array, w: mx.array, agg: str, tau: float, lam_r: float
     return lam_r * mx.maximum(kl_agg - tau, 0.0), kl_agg
 
 
-def make_loss(switch: lora.LoRASwitch, layers: list[lora.StackedLoRALinear], cfg: HealConfig, lam_r: float) -> Callable:
+def _global(local: mx.array, total: mx.array) -> mx.array:
+    """``total``'s value with ``local``'s gradient: each rank differentiates only its own share of
+    a cross-rank sum, so summing the ranks' gradients gives the gradient of the global value."""
+    return total + (local - mx.stop_gradient(local))
+
+
+def global_barrier_stats(kl_t: mx.array, w: mx.array, agg: str, n_ranks: int, rank: int, n_tot: mx.array, sums: mx.array) -> tuple[mx.array, mx.array]:
+    """(agg_{t∈S} KL_t, mean KL) over the completion positions S of every rank's rows (one global
+    micro-batch), as in a single process holding them all. ``kl_t``/``w`` [N] this rank's
+    positions (N equal on every rank), ``n_tot`` the global |S|, ``sums`` [2] this rank's
+    (Σ KL_t, Σ KL_t²) over S. mean/rmse all_sum the sums; p95/max all_gather every rank's KL
+    values (padding masked by w) and aggregate the pooled vector. Gradients reach only this rank's
+    positions (see :func:`_global`)."""
+    total = _global(sums, mx.distributed.all_sum(mx.stop_gradient(sums)))
+    kl_mean = mx.stop_gradient(total[0]) / n_tot
+    if agg == "mean":
+        return total[0] / n_tot, kl_mean
+    if agg == "rmse":
+        return mx.sqrt(total[1] / n_tot + RMSE_EPS), kl_mean
+    pooled = mx.distributed.all_gather(mx.stop_gradient(kl_t)[None]).reshape(n_ranks, -1)
+    pooled = mx.where((mx.arange(n_ranks) == rank)[:, None], kl_t[None], pooled)
+    masks = mx.distributed.all_gather(w[None]).reshape(-1) > 0
+    return aggregate_kl(pooled.reshape(-1), agg, masks), kl_mean
+
+
+def make_loss(switch: lora.LoRASwitch, layers: list[lora.StackedLoRALinear], cfg: HealConfig, lam_r: float, n_ranks: int = 1, rank: int = 0) -> Callable:
     """The heal loss ``loss(model, inputs [B,T], targets [B,T], sel [N], w [N]) -> (loss, sft,
     kl_agg, kl_mean, barrier, spectral, entropy)``, float32 scalars in nats.
+
+    Data-parallel (``n_ranks`` > 1): the loss takes a 6th input ``n_tot``, the global number of
+    completion positions of the global micro-batch whose rows this rank holds. Every rank then
+    returns the global values (SFT over all ranks' tokens, the barrier on the pooled KL
+    aggregate), and the ranks' gradients sum to the single-process gradient of that batch: each
+    rank differentiates only its own positions, the spectral term is scaled by 1/n_ranks.
 
     ``sel``/``w`` from :func:`select`: the flat positions of the completion targets. Prompt and
     padding targets are not selected, so they enter no term (SPEC §7). ``entropy`` is the mean H_t
     over the completion positions, NaN unless the objective is sft-entropy.
     """
     ref_prev = cfg.ref == "prev"
+
+    if n_ranks > 1:
+        return _make_dp_loss(switch, layers, cfg, lam_r, n_ranks, rank)
 
     def loss(model, inputs, targets, sel, w):
         with lora.lora_mode(switch, current=False, prev=ref_prev):
@@ -327,6 +363,57 @@ def make_loss(switch: lora.LoRASwitch, layers: list[lora.StackedLoRALinear], cfg
         return total, sft, kl_agg, kl_mean, barrier, spectral, entropy
 
     return loss
+
+
+def _make_dp_loss(switch, layers, cfg: HealConfig, lam_r: float, n_ranks: int, rank: int) -> Callable:
+    ref_prev = cfg.ref == "prev"
+
+    def loss(model, inputs, targets, sel, w, n_tot):
+        with lora.lora_mode(switch, current=False, prev=ref_prev):
+            ref_logits = mx.stop_gradient(model(inputs))
+        logits = model(inputs)
+        V = logits.shape[-1]
+        logits, ref_logits = logits.reshape(-1, V)[sel], ref_logits.reshape(-1, V)[sel]
+        targets = targets.reshape(-1)[sel]
+        n_tot = mx.maximum(n_tot, 1.0)
+        if cfg.objective == "sft-entropy":
+            stats = ops.entropy_stats(logits, targets)
+            logprob, ent_sum = stats["target_logprob"], (stats["entropy"] * w).sum()
+        else:
+            logprob, ent_sum = ops.target_logprob(logits, targets), mx.array(0.0)
+        kl_t = kl_per_position(logits, ref_logits, cfg.kl)
+        local = mx.stack([-(logprob * w).sum(), ent_sum])
+        total = _global(local, mx.distributed.all_sum(mx.stop_gradient(local)))
+        sft = total[0] / n_tot
+        entropy = total[1] / n_tot if cfg.objective == "sft-entropy" else mx.array(float("nan"))
+        sums = mx.stack([(kl_t * w).sum(), (kl_t * kl_t * w).sum()])
+        kl_agg, kl_mean = global_barrier_stats(kl_t, w, cfg.agg, n_ranks, rank, n_tot, sums)
+        barrier = lam_r * mx.maximum(kl_agg - cfg.tau, 0.0)
+        sigma = mx.stack([power_iteration_sigma_max(m.lora_a, m.lora_b, m.scale, cfg.power_steps) for m in layers])
+        spectral = cfg.spectral_lam * sigma.mean()
+        # Every rank computes the same spectral term; its gradient must be counted once in the sum.
+        spectral_g = mx.stop_gradient(spectral) + (spectral - mx.stop_gradient(spectral)) / n_ranks
+        total_loss = sft + barrier + spectral_g
+        if cfg.objective == "sft-entropy":
+            total_loss = total_loss - cfg.entropy_lam * entropy
+        return total_loss, sft, kl_agg, kl_mean, barrier, spectral, entropy
+
+    return loss
+
+
+def dp_batch(group: list[Example], n_ranks: int, rank: int) -> tuple[mx.array, mx.array, mx.array, mx.array, int]:
+    """This rank's share of one global micro-batch: (ids, sel, w, n_tot, n_pad). Rows are split
+    in contiguous blocks (:func:`mlxgate.distributed.shard`); a rank left without rows (a short
+    last batch) runs one row with every weight 0, so it contributes nothing but still joins the
+    collectives. ``n_pad``: the common selected-position count (the largest rank's bucket)."""
+    counts = [sum(len(e.completion_ids) for e in D.shard(group, n_ranks, r)[1]) for r in range(n_ranks)]
+    n_pad = max(bucket(c) for c in counts)
+    rows = D.shard(group, n_ranks, rank)[1]
+    ids, mask = collate(rows or group[:1])
+    if not rows:
+        mask = mx.zeros_like(mask)
+    sel, w = select(mask, n_pad)
+    return ids, sel, w, mx.array(float(sum(counts))), n_pad
 
 
 # ----------------------------------------------------------------------------- train
@@ -375,10 +462,18 @@ def heal(
     per_epoch = len(micro_batches(train, cfg.batch_size, None))
     opt_steps = cfg.epochs * math.ceil(per_epoch / cfg.grad_accum)
     optimizer = optim.AdamW(_schedule(cfg, opt_steps), betas=list(cfg.betas), weight_decay=cfg.weight_decay, bias_correction=True)
-    loss_and_grad = nn.value_and_grad(model, make_loss(switch, layers, cfg, lam_r))
+    # Data parallel under mlx.launch: every rank builds the same global micro-batches (same seed)
+    # and trains on its rows of each; the gradients are summed over ranks before the update.
+    n_ranks, rank = D.size(), D.rank()
+    loss_and_grad = nn.value_and_grad(model, make_loss(switch, layers, cfg, lam_r, n_ranks, rank))
 
     def micro_step(ids, sel, w, acc):
         (loss, *parts), grads = loss_and_grad(model, ids[:, :-1], ids[:, 1:], sel, w)
+        acc = grads if acc is None else tree_map(mx.add, acc, grads)
+        return (loss, *parts), acc
+
+    def dp_micro_step(ids, sel, w, n_tot, acc):
+        (loss, *parts), grads = loss_and_grad(model, ids[:, :-1], ids[:, 1:], sel, w, n_tot)
         acc = grads if acc is None else tree_map(mx.add, acc, grads)
         return (loss, *parts), acc
 
@@ -391,28 +486,41 @@ def heal(
     state = [model.state, optimizer.state]
     if cfg.compile:
         micro_step = mx.compile(micro_step, inputs=state, outputs=state)
+        dp_micro_step = mx.compile(dp_micro_step, inputs=state, outputs=state)
         update = mx.compile(update, inputs=state, outputs=state)
 
     model.train()
     history, val_hist = [], []
-    train_time, tokens, step, opt_step = 0.0, 0, 0, 0
+    train_time, tokens, step, opt_step, comm_time = 0.0, 0, 0, 0, 0.0
     mx.reset_peak_memory()
     for epoch in range(cfg.epochs):
         groups = micro_batches(train, cfg.batch_size, rng)
         acc, k = None, 0
         for i, batch in enumerate(groups):
             tic = time.perf_counter()
-            ids, mask = collate(batch)
-            sel, w = select(mask)
-            (loss, sft, kl_agg, kl_mean, barrier, spectral, entropy), acc = micro_step(ids, sel, w, acc)
-            ntok = sum(len(e.completion_ids) for e in batch)
+            if n_ranks == 1:
+                ids, mask = collate(batch)
+                sel, w = select(mask)
+                (loss, sft, kl_agg, kl_mean, barrier, spectral, entropy), acc = micro_step(ids, sel, w, acc)
+            else:
+                ids, sel, w, n_tot, _ = dp_batch(batch, n_ranks, rank)
+                (loss, sft, kl_agg, kl_mean, barrier, spectral, entropy), acc = dp_micro_step(ids, sel, w, n_tot, acc)
+            ntok = sum(len(e.completion_ids) for e in batch)  # the global micro-batch's tokens
             k += 1
             grad_norm = None
             if k == cfg.grad_accum or i == len(groups) - 1:
+                if n_ranks > 1:
+                    with D.guard(f"heal step {step + 1}"):
+                        mx.eval(loss, acc)
+                        t_comm = time.perf_counter()
+                        acc = D.all_sum_tree(acc)
+                        mx.eval(acc)
+                    comm_time += time.perf_counter() - t_comm
                 grad_norm = update(acc, mx.array(float(k)))
                 acc, k = None, 0
                 opt_step += 1
-            mx.eval(loss, sft, kl_agg, kl_mean, barrier, spectral, entropy, acc, grad_norm, state)
+            with D.guard(f"heal step {step + 1}"):
+                mx.eval(loss, sft, kl_agg, kl_mean, barrier, spectral, entropy, acc, grad_norm, state)
             dt = time.perf_counter() - tic
             train_time += dt
             tokens += ntok
@@ -432,7 +540,8 @@ def heal(
             if on_step is not None:
                 on_step(rec)
         if val:
-            val_hist.append({"epoch": epoch, **evaluate(model, switch, val, cfg)})
+            with D.guard("validation"):
+                val_hist.append({"epoch": epoch, **evaluate(model, switch, val, cfg)})
     model.eval()
 
     active = [h["hinge_active"] for h in history]
@@ -442,9 +551,12 @@ def heal(
         "tok_s": tokens / train_time if train_time > 0 else 0.0, "train_time_s": train_time,
         "hinge_active_frac": sum(active) / len(active), "peak_memory_bytes": int(mx.get_peak_memory()),
         "final_loss": history[-1]["loss"], "final_kl_agg": history[-1]["kl_agg"],
+        "n_ranks": n_ranks,
     }
+    if n_ranks > 1:
+        summary["allreduce_s"] = comm_time
     result = HealResult(lora.current_weights(model), n_layers, cfg, history, val_hist, summary)
-    if out is not None:
+    if out is not None and D.is_main():
         result.adapter_dir = save_adapter(out, result)
     return result
 
@@ -461,7 +573,9 @@ def evaluate(model: nn.Module, switch: lora.LoRASwitch, examples: list[Example],
     """SFT (token-mean NLL, nats) and the KL aggregates (mean, rmse, p95, max, nats; float64)
     pooled over every completion position of ``examples``, student vs the configured reference."""
     nll, n, kls = 0.0, 0, []
-    for batch in micro_batches(examples, batch_size or cfg.batch_size, None):
+    batches = micro_batches(examples, batch_size or cfg.batch_size, None)
+    _, batches = D.shard(batches)  # data parallel: each rank scores its block of batches
+    for batch in batches:
         ids, mask = collate(batch)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         with lora.lora_mode(switch, current=False, prev=cfg.ref == "prev"):
@@ -475,6 +589,9 @@ def evaluate(model: nn.Module, switch: lora.LoRASwitch, examples: list[Example],
         nll -= float(np.array(lp, dtype=np.float64)[m].sum())
         n += int(m.sum())
         kls.append(np.array(kl_t, dtype=np.float64)[m])
+    if D.size() > 1:
+        parts = D.gather_ordered([(nll, n, np.concatenate(kls) if kls else np.zeros(0))], [D.rank()], all_ranks=True, what="validation")
+        nll, n, kls = sum(p[0] for p in parts), sum(p[1] for p in parts), [p[2] for p in parts]
     aggs = kl_aggregates(np.concatenate(kls) if kls else np.zeros(0))
     return {"sft": nll / max(n, 1), "tokens": n, **{f"kl_{k}": v for k, v in aggs.items() if k != "n"}}
 

@@ -436,13 +436,11 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
 
     tic = time.perf_counter()
     th = FilterThresholds(max_tail_ppl=cfg.max_tail_ppl, max_rep_frac=cfg.max_rep_frac)
-    counts = {"batches": 0}
 
     def on_collect(e):
         e = dict(e)
         stage = e.pop("stage")
         if stage == "collect":
-            counts["batches"] = e["batch"]
             e["progress"] = min(1.0, e["kept"] / cfg.n_keep)
         rec(stage, **e)
 
@@ -458,6 +456,9 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
         _write_jsonl(rdir / "probes.jsonl", err.result.probes)
         rec("error", message=str(err))
         raise UserError(f"round {r}: {err} (generations in {rdir})") from None
+    except UserError as err:  # walk-C found no passing dose
+        rec("error", message=str(err))
+        raise UserError(f"round {r}: {err}") from None
     _write_jsonl(rdir / "kept.jsonl", res.kept)
     _write_jsonl(rdir / "dropped.jsonl", res.dropped)
     _write_jsonl(rdir / "probes.jsonl", res.probes)
@@ -704,10 +705,6 @@ def _run(cfg: LoopConfig, run: Path, resume: bool, model, tokenizer, info, conte
         ran = True
         records.append(run_round(r, model, tokenizer, info, cfg, run, contexts, rec))
         write_report(run, cfg, records, floor)
-    else:
-        last = records[-1]
-        if last["round"] >= 1 and last["eval"]["coherence"] < floor:
-            stopped = f"early stop after round {last['round']}: coherence {last['eval']['coherence']:.4f} < floor {floor:.4f}"
     n_done = len(records) - 1
     if not ran and n_done:  # resumed with nothing left to run: build the stack of every round
         set_stack(model, [round_dir(run, i) for i in range(1, n_done + 1)], cfg.rank, cfg.alpha / cfg.rank)

@@ -149,7 +149,7 @@ def generate(model, vector, max_tokens, temp, top_p, top_k, seed, batch_size, al
 @click.option("--model", "-m", default="smollm2-135m-instruct", show_default=True, help="the unsteered base model that scores coherence. " + MODEL_HELP)
 @click.option("--in", "in_path", required=True, type=click.Path(dir_okay=False), help="generations JSONL (from `steer generate`)")
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="writes kept.jsonl and dropped.jsonl here")
-@click.option("--max-tail-ppl", type=float, default=50.0, show_default=True, help="coherence: perplexity of the last 25%% of tokens under the base")
+@click.option("--max-tail-ppl", type=float, default=50.0, show_default=True, help="coherence: perplexity of the last 25% of tokens under the base")
 @click.option("--max-rep-frac", type=float, default=0.3, show_default=True)
 @click.option("--dtype", type=DTYPE, default=None, help="compute dtype")
 def filter_cmd(model, in_path, out_dir, max_tail_ppl, max_rep_frac, dtype):

@@ -40,6 +40,10 @@ def main():
 
 
 def _emit(text: str, out: str | None) -> None:
+    from mlxgate import distributed
+
+    if not distributed.is_main():  # under mlx.launch only rank 0 prints or writes the output
+        return
     if out:
         from mlxgate.io import write_text
 
@@ -224,11 +228,17 @@ def measure(model, prompt_list, prompts_file, text, text_file, max_tokens, temp,
         lines = [json.dumps({"index": i, **r}) for i, r in enumerate(report["prompts"])]
         lines.append(json.dumps({"overall": report["overall"], "settings": report["settings"], "model": report["model"]}))
         _emit("\n".join(lines), out)
-    if plot:
+    if plot and _is_main():
         from mlxgate.plots import entropy_per_token
 
         entropy_per_token(report, plot, zones=zones, title=f"H_t per token: {info.name}")
         click.echo(f"wrote {plot}", err=True)
+
+
+def _is_main() -> bool:
+    from mlxgate import distributed
+
+    return distributed.is_main()
 
 
 def _measure_with_progress(M, lm, tokenizer, prompts, max_tokens, temp, top_p, top_k, seed, raw, zones, batch_size):

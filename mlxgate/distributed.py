@@ -23,7 +23,6 @@ import os
 import pickle
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
@@ -34,9 +33,11 @@ from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlxgate.errors import UserError  # noqa: E402
 
-# Seconds a collective may block before the watchdog declares the peers lost. A healthy step's
-# collective waits at most one step of a slower rank; MLXGATE_DIST_TIMEOUT overrides it.
-DEFAULT_TIMEOUT_S = 600.0
+# Seconds a collective may block before the watchdog declares the peers lost. A peer that exits
+# is noticed at once (its sockets close); this only catches a hung or unreachable peer, and must
+# exceed the longest wait for a slower rank (a gather after uneven generation shards).
+# MLXGATE_DIST_TIMEOUT overrides it.
+DEFAULT_TIMEOUT_S = 1800.0
 _GROUP = None
 
 
@@ -46,7 +47,25 @@ def group():
     global _GROUP
     if _GROUP is None:
         _GROUP = mx.distributed.init()
+        if _GROUP.size() > 1:
+            _on_sigterm()
     return _GROUP
+
+
+def _on_sigterm() -> None:
+    """mlx.launch (and mpirun) SIGTERM the surviving ranks when one exits. Turn that into one line
+    naming the peer and a Python exit, so pending atomic writes remove their temporaries instead
+    of the process vanishing mid-write."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        print(str(_lost("the run", "the launcher sent SIGTERM after a peer exited")), file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def rank() -> int:
@@ -116,7 +135,7 @@ def guard(what: str = "a collective", timeout: float | None = None) -> Iterator[
 
     def watch():
         if not done.wait(limit):
-            print(prefix() + str(_lost(what, f"no answer for {limit:.0f} s")), file=sys.stderr, flush=True)
+            print(str(_lost(what, f"no answer for {limit:.0f} s")), file=sys.stderr, flush=True)
             os._exit(3)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -147,6 +166,14 @@ def shard(items: Sequence, n: int | None = None, r: int | None = None) -> tuple[
     stop = start + q + (1 if r < extra else 0)
     idx = list(range(start, stop))
     return idx, [items[i] for i in idx]
+
+
+def shard_batches(n_items: int, batch_size: int) -> list[int]:
+    """This rank's item indices when whole batches of ``batch_size`` consecutive items are dealt
+    out in contiguous blocks: each item is processed in the same batch as in a single process
+    (left padding, and so the numerics, unchanged)."""
+    batches = [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, max(batch_size, 1))]
+    return [i for b in shard(batches)[1] for i in b]
 
 
 def all_gather_bytes(blob: bytes, what: str = "a gather") -> list[bytes]:
@@ -218,6 +245,3 @@ def describe() -> dict:
     """{"n_ranks", "rank"} for configs and events (the dashboard reads n_ranks)."""
     return {"n_ranks": size(), "rank": rank()}
 
-
-def wall() -> float:
-    return time.perf_counter()

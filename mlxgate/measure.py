@@ -18,6 +18,8 @@ from mlxgate import backend
 from mlxgate.analysis.loops import classify_basin, detect_loop, rep_frac
 from mlxgate.analysis.zones import zone_counts, zone_of
 from mlxgate.errors import UserError
+from mlxgate import distributed
+from mlxgate.distributed import shard_batches
 from mlxgate.generate import generate, score_tokens
 from mlxgate.prompts import prompt_ids
 
@@ -113,11 +115,14 @@ def measure_prompts(
             raise UserError("empty prompt; every prompt needs some text")
     ids = [prompt_ids(tokenizer, p, raw=raw) for p in prompts]
     eos = set(tokenizer.eos_token_ids)
+    # Under mlx.launch each rank decodes whole decode batches (the same batches a single process
+    # forms, so greedy output is identical token for token) and the rows are gathered in order.
+    mine = shard_batches(len(ids), batch_size)
     completions = generate(
-        model, ids, max_tokens, eos, temp=temp, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, on_token=on_token, with_logprobs=True
-    )
+        model, [ids[i] for i in mine], max_tokens, eos, temp=temp, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, on_token=on_token, with_logprobs=True
+    ) if mine else []
     rows = []
-    for prompt, comp in zip(prompts, completions):
+    for prompt, comp in zip([prompts[i] for i in mine], completions):
         text = tokenizer.decode(comp.tokens)
         stats = summarize(comp.entropy)
         nll = [-lp for lp in comp.logprobs]
@@ -143,6 +148,7 @@ def measure_prompts(
                 "basin_reason": basin.reason,
             }
         )
+    rows = distributed.gather_ordered(rows, mine, all_ranks=True, what="gathering measure rows")
     pooled = [h for r in rows for h in r["entropy"]]
     means = [r["mean"] for r in rows if r["n"]]
     overall = {

@@ -128,6 +128,10 @@ def tinymfv(model, adapters, vector, coeff, allow_other_model, condition, limit,
     else:
         label = info.name + (f" + {len(adapters)} adapter(s)" if adapters else "") + (f" steered C={steer_coeff}" if steer else "")
         text = _table(result, f"tinymfv ({condition}): {label}")
+    from mlxgate import distributed
+
+    if not distributed.is_main():  # under mlx.launch rank 0 prints or writes the gathered result
+        return
     if out:
         from mlxgate.io import write_text
 

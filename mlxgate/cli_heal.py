@@ -58,6 +58,8 @@ def heal_cmd(model, data, out, adapters_in, agg, tau, lam, lam_pow, round_, ref,
         raise UserError(f"all {len(records)} completions in {data} were dropped ({reasons}); nothing to train on")
     result = _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info)
     s = result.summary
+    if not _main():
+        return
     click.echo(
         f"healed {s['n_train']} examples ({s['n_val']} val), {s['steps']} steps: loss {s['final_loss']:.4f}, "
         f"{cfg.agg} KL {s['final_kl_agg']:.4f} nats, hinge active on {100 * s['hinge_active_frac']:.1f}% of steps, "
@@ -67,6 +69,12 @@ def heal_cmd(model, data, out, adapters_in, agg, tau, lam, lam_pow, round_, ref,
     if result.val:
         v = result.val[-1]
         click.echo(f"validation: SFT {v['sft']:.4f} nats/token, KL mean {v['kl_mean']:.4f} rmse {v['kl_rmse']:.4f} max {v['kl_max']:.4f}", err=True)
+
+
+def _main() -> bool:
+    from mlxgate import distributed
+
+    return distributed.is_main()
 
 
 def _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info):
@@ -92,7 +100,11 @@ def _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info)
             bar.update(task, advance=1, loss=rec["loss"], sft=rec["sft"], kl=rec["kl_agg"], barrier=rec["barrier"], gnorm=gnorm, tok_s=rec["tok_s"])
 
         result = H.heal(lm, tokenizer, examples, cfg, prev_adapters=adapters_in, on_step=on_step)
-    result.adapter_dir = H.save_adapter(out, result, extra)
+    from mlxgate import distributed
+
+    extra["n_ranks"] = distributed.size()
+    if distributed.is_main():  # under mlx.launch every rank holds the same weights; rank 0 writes
+        result.adapter_dir = H.save_adapter(out, result, extra)
     return result
 
 

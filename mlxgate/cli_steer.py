@@ -134,15 +134,18 @@ def generate(model, vector, max_tokens, temp, top_p, top_k, seed, batch_size, al
     dose = S.relative_dose(sv, c)
     _say(f"C = {c:g}; injected |C v| / mean |h| per layer: " + ", ".join(f"{L}: {d:.3g}" for L, d in dose.items() if d is not None))
     rows = K.generate_rows(lm, tok, sv, contexts, [c] * len(contexts), None, None, max_tokens, seed, batch_size, temp, top_p, top_k)
+    from mlxgate import distributed
     from mlxgate.filter import write_rows
 
-    write_rows(out, rows)
-    _say(f"wrote {len(rows)} completions to {out}")
+    if distributed.is_main():  # under mlx.launch rows are gathered on every rank; rank 0 writes
+        write_rows(out, rows)
+        _say(f"wrote {len(rows)} completions to {out}")
     if filter_dir:
         from mlxgate.filter import filter_rows
 
         kept, dropped = filter_rows(lm, rows)
-        _write_filtered(Path(filter_dir), kept, dropped)
+        if distributed.is_main():
+            _write_filtered(Path(filter_dir), kept, dropped)
 
 
 @steer.command(name="filter")

@@ -77,13 +77,18 @@ def generate_rows(
     top_k: int = TOP_K,
 ) -> list[dict]:
     """One steered completion per context at ``coeffs[i]``; rows in the heal data format."""
+    from mlxgate import distributed
+
     ids = [prompt_ids(tokenizer, c) for c in contexts]
+    # Under mlx.launch each rank generates whole decode batches; rows are gathered in input order.
+    mine = distributed.shard_batches(len(ids), batch_size)
     comps = steered_generate(
-        model, sv, coeffs, ids, max_tokens, set(tokenizer.eos_token_ids), temp=temp, top_p=top_p, top_k=top_k,
+        model, sv, [coeffs[i] for i in mine], [ids[i] for i in mine], max_tokens, set(tokenizer.eos_token_ids), temp=temp, top_p=top_p, top_k=top_k,
         seed=seed, batch_size=batch_size,
-    )
+    ) if mine else []
     rows = []
-    for i, (ctx, comp) in enumerate(zip(contexts, comps)):
+    for i, comp in zip(mine, comps):
+        ctx = contexts[i]
         rows.append(
             {
                 "prompt": ctx,
@@ -99,7 +104,7 @@ def generate_rows(
                 "entropy_mean": float(np.mean(comp.entropy)) if len(comp.entropy) else None,
             }
         )
-    return rows
+    return distributed.gather_ordered(rows, mine, all_ranks=True, what="gathering generations")
 
 
 def alpha_mix(n: int, alphas=ALPHAS) -> list[float]:

@@ -212,6 +212,14 @@ def gather_ordered(local: Sequence, indices: Sequence[int], all_ranks: bool = Fa
     return [pairs[i] for i in range(len(pairs))]
 
 
+def broadcast(obj: Any, what: str = "a broadcast") -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank: e.g. the resume point a loop read from its run
+    directory, which only rank 0's disk is guaranteed to hold."""
+    if size() == 1:
+        return obj
+    return pickle.loads(all_gather_bytes(pickle.dumps(obj), what)[0])
+
+
 def all_sum_tree(tree, stream=mx.cpu):
     """Elementwise sum of an array tree (gradients) over ranks: one flat all_sum of every leaf
     concatenated (float32), split back into the tree's shapes and dtypes. Lazy: evaluate it inside

@@ -44,6 +44,7 @@ def ring(tmp_path_factory) -> Path:
     (d / "probe.py").write_text(
         "import mlxgate, mlx.core as mx\nfrom mlxgate import distributed as D\n"
         "x = mx.distributed.all_sum(mx.array([D.rank() + 1.0]))\nprint('SUM', D.size(), x.item())\n"
+        "print('BCAST', D.broadcast({'r': D.rank()}), D.gather_ordered([D.rank() * 10], [D.rank()], all_ranks=True), D.shard_batches(5, 2))\n"
     )
     try:
         p = _launch(["probe.py"], d, timeout=60)
@@ -51,7 +52,15 @@ def ring(tmp_path_factory) -> Path:
         pytest.skip("mlx.launch --backend ring did not finish a 2-rank all_sum in 60 s")
     if p.stdout.count("SUM 2 3.0") != 2:
         pytest.skip(f"mlx.launch --backend ring cannot start 2 ranks here: {(p.stderr or p.stdout).strip()[-300:]}")
+    (d / "probe.out").write_text(p.stdout)
     return d
+
+
+def test_two_rank_helpers(ring):
+    """broadcast takes rank 0's object; gather_ordered puts results in index order on every rank;
+    shard_batches deals whole batches (5 items, batches of 2: rank 0 gets [0..3], rank 1 [4])."""
+    lines = sorted(x for x in (ring / "probe.out").read_text().splitlines() if x.startswith("BCAST"))
+    assert lines == ["BCAST {'r': 0} [0, 10] [0, 1, 2, 3]", "BCAST {'r': 0} [0, 10] [4]"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +88,7 @@ def test_size_one_is_identity():
     assert D.all_sum_scalars([1.5, 2.0]) == [1.5, 2.0]
     assert D.main_only(lambda v: v + 1, 1) == 2
     assert D.shard_batches(5, 2) == [0, 1, 2, 3, 4]
+    assert D.broadcast({"round": 3}) == {"round": 3}
 
 
 # ----------------------------------------------------------------------------- two ranks

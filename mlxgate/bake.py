@@ -21,7 +21,7 @@ from mlx.utils import tree_unflatten  # noqa: E402
 
 from mlxgate import lora  # noqa: E402
 from mlxgate.errors import UserError  # noqa: E402
-from mlxgate.heal import atomic_dir  # noqa: E402
+from mlxgate.io import atomic_dir  # noqa: E402
 
 # Files of a checkpoint directory that are not weights or config: copied verbatim.
 TOKENIZER_FILES = (

@@ -10,9 +10,9 @@ import sys
 
 import click
 
+from mlxgate.cli_common import MODEL_HELP, emit as _emit
 from mlxgate.errors import UserError
 
-MODEL_HELP = "alias (see `mlxgate models list`), local HF-layout directory, .gguf file, or Hugging Face repo id"
 
 
 class Group(click.Group):
@@ -37,20 +37,6 @@ def main():
     Per-token logit entropy of generations (measure), KL drift between models (compare), and the
     steer -> filter -> heal -> bake -> evaluate loop. Runs on Apple GPUs (Metal), NVIDIA (CUDA) and CPUs.
     """
-
-
-def _emit(text: str, out: str | None) -> None:
-    from mlxgate import distributed
-
-    if not distributed.is_main():  # under mlx.launch only rank 0 prints or writes the output
-        return
-    if out:
-        from mlxgate.io import write_text
-
-        write_text(out, text if text.endswith("\n") else text + "\n")
-        click.echo(f"wrote {out}", err=True)
-    else:
-        click.echo(text)
 
 
 # ----------------------------------------------------------------------------- info

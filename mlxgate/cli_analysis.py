@@ -11,18 +11,7 @@ import click
 
 from mlxgate.errors import UserError
 
-MODEL_HELP = "alias (see `mlxgate models list`), local HF-layout directory, .gguf file, or Hugging Face repo id"
-DTYPES = click.Choice(["float32", "bfloat16", "float16"])
-
-
-def _emit(text: str, out: str | None) -> None:
-    if out:
-        from mlxgate.io import write_text
-
-        write_text(out, text if text.endswith("\n") else text + "\n")
-        click.echo(f"wrote {out}", err=True)
-    else:
-        click.echo(text)
+from mlxgate.cli_common import DTYPES, MODEL_HELP, emit as _emit
 
 
 def _read_text_option(text: str | None, text_file: str | None) -> str | None:

@@ -6,7 +6,7 @@ import click
 
 from mlxgate.errors import UserError
 
-MODEL_HELP = "alias (see `mlxgate models list`), local HF-layout directory, .gguf file, or Hugging Face repo id"
+from mlxgate.cli_common import MODEL_HELP
 
 
 @click.command("heal")

@@ -18,8 +18,7 @@ import click
 
 from mlxgate.errors import UserError
 
-# Same text as mlxgate.cli.MODEL_HELP (not imported: mlxgate.cli imports this module).
-MODEL_HELP = "alias (see `mlxgate models list`), local HF-layout directory, .gguf file, or Hugging Face repo id"
+from mlxgate.cli_common import MODEL_HELP
 
 DTYPE = click.Choice(["float32", "bfloat16", "float16"])
 

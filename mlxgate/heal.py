@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +37,7 @@ from mlxgate import lora, ops  # noqa: E402
 from mlxgate.analysis.kl_stats import KL_AGGS, RMSE_EPS, aggregate_kl, kl_aggregates  # noqa: E402
 from mlxgate.analysis.spectral import power_iteration_sigma_max  # noqa: E402
 from mlxgate.errors import UserError  # noqa: E402
+from mlxgate.io import atomic_dir  # noqa: E402
 
 # SPEC §5.4 (defaults; every one is a HealConfig field and recorded with the adapter).
 LAM, LAM_POW, TAU, AGG, REF, KL_DIR = 0.3, 0.0, 0.5, "rmse", "prev", "rev"
@@ -615,40 +613,3 @@ def save_adapter(out: str | Path, result: HealResult, extra: dict | None = None)
         (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / HEAL_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return Path(out)
-
-
-class atomic_dir:
-    """Context manager: yields an empty temporary directory beside ``path``; on success it takes
-    ``path``'s place (an existing ``path`` is replaced), on any error it is removed."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        except OSError as err:
-            raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        os.chmod(self.tmp, 0o755)
-        old = None
-        try:
-            if self.path.exists():
-                if not self.path.is_dir():
-                    raise UserError(f"{self.path} exists and is not a directory")
-                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
-                os.replace(self.path, old / "x")
-            os.replace(self.tmp, self.path)
-        except OSError as err:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        return False

@@ -14,7 +14,7 @@ import click
 
 from mlxgate.errors import UserError
 
-from mlxgate.cli_common import MODEL_HELP
+from mlxgate.cli_common import MODEL_HELP, emit
 
 
 @click.group("eval")
@@ -127,17 +127,7 @@ def tinymfv(model, adapters, vector, coeff, allow_other_model, condition, limit,
     else:
         label = info.name + (f" + {len(adapters)} adapter(s)" if adapters else "") + (f" steered C={steer_coeff}" if steer else "")
         text = _table(result, f"tinymfv ({condition}): {label}")
-    from mlxgate import distributed
-
-    if not distributed.is_main():  # under mlx.launch rank 0 prints or writes the gathered result
-        return
-    if out:
-        from mlxgate.io import write_text
-
-        write_text(out, text if text.endswith("\n") else text + "\n")
-        click.echo(f"wrote {out}", err=True)
-    else:
-        click.echo(text)
+    emit(text, out)  # under mlx.launch only rank 0 prints or writes the gathered result
 
 
 def _run_with_progress(T, lm, tokenizer, rows, think_tokens, batch_size, condition, steer):

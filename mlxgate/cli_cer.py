@@ -76,7 +76,25 @@ def _table(summary: dict) -> str:
             ("agrees" if v["actions_agree"] else "DIFFERS") + ("" if v["actions_exact"] else " (counts not exact)"),
         )
     buf = io.StringIO()
-    Console(width=200, file=buf).print(t)
+    console = Console(width=200, file=buf)
+    console.print(t)
+    for name, row in summary["conditions"].items():
+        if row["verdict"]["actions_exact"]:
+            continue
+        steps = "; ".join(
+            f"seed {s['seed']} block {s['layer']} step {s['step']}: {s['action']} at H = {s['entropy']:.3f}"
+            for s in row["non_brake_steps"]
+        ) or "every step BRAKE"
+        console.print(f"{name} counts differ from the published ones; steps without BRAKE: {steps}", soft_wrap=True)
+    if any(not row["verdict"]["actions_exact"] for row in summary["conditions"].values()):
+        from mlxgate.cer.model import HYSTERESIS_MARGIN, TARGET_ENTROPY
+
+        console.print(
+            f"(no control fires while {TARGET_ENTROPY:g} <= H <= {TARGET_ENTROPY + HYSTERESIS_MARGIN:g} nats; ESCAPE below, "
+            "BRAKE above. A step landing in that band is 'none'. The seeds' random draws differ from the original's "
+            "torch RNG, so single steps near the band's edge differ by chance.)",
+            soft_wrap=True,
+        )
     return buf.getvalue()
 
 

@@ -373,3 +373,12 @@ def test_cli_train_writes_log_and_checkpoint(tmp_path):
     assert len(log["history"]) == 2 and len(log["evals"]) == 2
     model = load_checkpoint(tmp_path / "cer.safetensors")
     assert count_parameters(model) == 1_645_952
+
+
+def test_mirror_lists_the_evidence_for_every_non_brake_step(mirror_summary):
+    for row in mirror_summary["conditions"].values():
+        steps = row["non_brake_steps"]
+        assert len(steps) == row["actions"]["ESCAPE"] + row["actions"]["none"]
+        for s in steps:
+            if s["action"] == "none":  # nothing fired: H sat inside the no-action band
+                assert 3.0 <= s["entropy"] <= 3.5

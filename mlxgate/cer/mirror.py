@@ -145,6 +145,15 @@ def summarize(runs: dict[str, ConditionRuns], seeds: list[int], dropout: bool) -
             "n_steps": n_steps,
             "published": PUBLISHED[condition],
             "verdict": verdict(condition, last["mean"], counts, n_steps),
+            # The evidence for a count that differs from the published one: every step that did
+            # not BRAKE, with the entropy it saw (for "none" the state is untouched, so this is the
+            # pre-control H that fell inside the band).
+            "non_brake_steps": [
+                {"seed": seed, "layer": st["layer"], "step": st["step"], "action": st["action"], "entropy": st["entropy"]}
+                for seed, traj in zip(seeds, r.trajectories)
+                for st in traj
+                if st["action"] != BRAKE
+            ],
             "per_seed": {"last_step_entropy": r.last, "output_entropy": r.output},
             "trajectories": r.trajectories,
         }

@@ -59,6 +59,9 @@ def heal_cmd(model, data, out, adapters_in, agg, tau, lam, lam_pow, round_, ref,
     result = _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info)
     s = result.summary
     if not _main():
+        from mlxgate import distributed
+
+        distributed.log(f"healed its shard of {s['steps']} steps: loss {s['final_loss']:.4f}, {cfg.agg} KL {s['final_kl_agg']:.4f} nats; rank 0 writes {out}")
         return
     click.echo(
         f"healed {s['n_train']} examples ({s['n_val']} val), {s['steps']} steps: loss {s['final_loss']:.4f}, "

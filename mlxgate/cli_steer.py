@@ -42,7 +42,10 @@ def _load_vector(path, info, allow_other_model):
 
 
 def _say(text: str) -> None:
-    click.echo(text, err=True)
+    """One line on stderr; under mlx.launch the other ranks' lines carry ``[rank r/n]``."""
+    from mlxgate import distributed
+
+    click.echo(distributed.prefix() + text, err=True)
 
 
 def _write_filtered(out_dir: Path, kept: list[dict], dropped: list[dict]) -> None:

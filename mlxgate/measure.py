@@ -19,7 +19,7 @@ from mlxgate.analysis.loops import classify_basin, detect_loop, rep_frac
 from mlxgate.analysis.zones import zone_counts, zone_of
 from mlxgate.errors import UserError
 from mlxgate import distributed
-from mlxgate.distributed import shard_batches
+from mlxgate.batches import batch_seed, rank_batches
 from mlxgate.generate import generate, score_tokens
 from mlxgate.prompts import prompt_ids
 
@@ -105,6 +105,9 @@ def measure_prompts(
     Returns ``{"prompts": [...], "overall": {...}, "settings": {...}}``. Per prompt: tokens (ids and
     strings), H_t, mean/std/min/max/n, zone of the mean, token loop, rep_frac, basin. Overall:
     pooled over all tokens, and mean +- std over prompt means (the two differ; SPEC §3.1).
+    ``on_token(prompt_index, token_id, entropy)``: per generated token, the index into ``prompts``.
+    ``seed``: batch b of ``batch_size`` prompts samples with ``batch_seed(seed, b)``, so sampled
+    output is the same however many ranks share the batches.
     """
     if max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
@@ -117,10 +120,16 @@ def measure_prompts(
     eos = set(tokenizer.eos_token_ids)
     # Under mlx.launch each rank decodes whole decode batches (the same batches a single process
     # forms, so greedy output is identical token for token) and the rows are gathered in order.
-    mine = shard_batches(len(ids), batch_size)
-    completions = generate(
-        model, [ids[i] for i in mine], max_tokens, eos, temp=temp, top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, on_token=on_token, with_logprobs=True
-    ) if mine else []
+    # Each batch is seeded from (seed, its global index): sampled output does not depend on the
+    # number of ranks either.
+    mine, completions = [], []
+    for b, idx in rank_batches(len(ids), batch_size):
+        tick = None if on_token is None else (lambda j, tok, h, idx=idx: on_token(idx[j], tok, h))
+        completions += generate(
+            model, [ids[i] for i in idx], max_tokens, eos, temp=temp, top_p=top_p, top_k=top_k, seed=batch_seed(seed, b),
+            batch_size=len(idx), on_token=tick, with_logprobs=True,
+        )
+        mine += idx
     rows = []
     for prompt, comp in zip([prompts[i] for i in mine], completions):
         text = tokenizer.decode(comp.tokens)

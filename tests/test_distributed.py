@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlxgate  # noqa: F401
@@ -23,37 +22,19 @@ import pytest  # noqa: E402
 from mlxgate import distributed as D  # noqa: E402
 from mlxgate.fixtures import make_tiny_checkpoint  # noqa: E402
 
+from _ring import PY, launch, ring_dir  # noqa: E402
+
 SCRIPTS = Path(__file__).parent / "dist_scripts"
-PY = sys.executable
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 
 def _launch(args: list[str], cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(LAUNCH), "-n", "2", "--backend", "ring", "--", PY, *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
+    return launch([PY, *args], cwd, timeout, env)
 
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory) -> Path:
     """A working directory where a 2-rank ring job is known to run; skips the test otherwise."""
-    if not LAUNCH.exists():
-        pytest.skip(f"mlx.launch not found beside {PY}")
-    d = tmp_path_factory.mktemp("ring")
-    (d / "probe.py").write_text(
-        "import mlxgate, mlx.core as mx\nfrom mlxgate import distributed as D\n"
-        "x = mx.distributed.all_sum(mx.array([D.rank() + 1.0]))\nprint('SUM', D.size(), x.item())\n"
-        "print('BCAST', D.broadcast({'r': D.rank()}), D.gather_ordered([D.rank() * 10], [D.rank()], all_ranks=True), D.shard_batches(5, 2))\n"
-    )
-    try:
-        p = _launch(["probe.py"], d, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.skip("mlx.launch --backend ring did not finish a 2-rank all_sum in 60 s")
-    if p.stdout.count("SUM 2 3.0") != 2:
-        pytest.skip(f"mlx.launch --backend ring cannot start 2 ranks here: {(p.stderr or p.stdout).strip()[-300:]}")
-    (d / "probe.out").write_text(p.stdout)
-    return d
+    return ring_dir(tmp_path_factory)
 
 
 def test_two_rank_helpers(ring):

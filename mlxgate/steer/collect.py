@@ -76,16 +76,22 @@ def generate_rows(
     top_p: float = TOP_P,
     top_k: int = TOP_K,
 ) -> list[dict]:
-    """One steered completion per context at ``coeffs[i]``; rows in the heal data format."""
+    """One steered completion per context at ``coeffs[i]``; rows in the heal data format. Batch b
+    of ``batch_size`` contexts samples with ``batch_seed(seed, b)`` (:mod:`mlxgate.batches`)."""
     from mlxgate import distributed
+    from mlxgate.batches import batch_seed, rank_batches
 
     ids = [prompt_ids(tokenizer, c) for c in contexts]
     # Under mlx.launch each rank generates whole decode batches; rows are gathered in input order.
-    mine = distributed.shard_batches(len(ids), batch_size)
-    comps = steered_generate(
-        model, sv, [coeffs[i] for i in mine], [ids[i] for i in mine], max_tokens, set(tokenizer.eos_token_ids), temp=temp, top_p=top_p, top_k=top_k,
-        seed=seed, batch_size=batch_size,
-    ) if mine else []
+    # Each batch is seeded from (seed, its global index), so sampled rows do not depend on the
+    # number of ranks.
+    mine, comps = [], []
+    for b, idx in rank_batches(len(ids), batch_size):
+        comps += steered_generate(
+            model, sv, [coeffs[i] for i in idx], [ids[i] for i in idx], max_tokens, set(tokenizer.eos_token_ids), temp=temp, top_p=top_p, top_k=top_k,
+            seed=batch_seed(seed, b), batch_size=len(idx),
+        )
+        mine += idx
     rows = []
     for i, comp in zip(mine, comps):
         ctx = contexts[i]

@@ -79,6 +79,7 @@ def loop_cmd(preset, run_dir, resume_dir, quiet, **settings):
     heals a fresh LoRA on them under a KL barrier, stacks it, and evaluates on tinymfv. Stops early
     when coherence falls below --coh-floor. Resumable: a crash or Ctrl-C loses at most one round.
     """
+    from mlxgate import distributed as D
     from mlxgate import loop as L
 
     ctx = click.get_current_context()
@@ -86,9 +87,15 @@ def loop_cmd(preset, run_dir, resume_dir, quiet, **settings):
     if resume_dir is not None:
         if run_dir is not None:
             raise UserError("give --resume DIR or --run-dir DIR, not both")
-        if ctx.get_parameter_source("preset") == ParameterSource.COMMANDLINE and preset != L.read_config(resume_dir)["settings"].get("preset"):
-            raise UserError(f"--preset {preset} conflicts with the run's preset; a resumed run keeps its settings")
-        cfg = L.resume_config(resume_dir, explicit)
+        preset_given = ctx.get_parameter_source("preset") == ParameterSource.COMMANDLINE
+
+        def settings_of_run():
+            if preset_given and preset != L.read_config(resume_dir)["settings"].get("preset"):
+                raise UserError(f"--preset {preset} conflicts with the run's preset; a resumed run keeps its settings")
+            return L.resume_config(resume_dir, explicit)
+
+        # Under mlx.launch only rank 0 is sure to hold the run directory: it reads the settings.
+        cfg = D.on_main(settings_of_run, what="reading the run's settings")
         run_dir = resume_dir
     else:
         cfg = L.make_config(preset, **explicit)
@@ -97,6 +104,8 @@ def loop_cmd(preset, run_dir, resume_dir, quiet, **settings):
         if quiet:
             return
         stage = ev["stage"]
+        if not D.is_main() and stage not in ("start", "resume", "round_done", "early_stop", "error", "done"):
+            return  # the other ranks run the same stages: one line per round is enough
         if stage in ("heal", "eval", "steered_eval", "extract") and ev.get("progress") not in (None, 1.0):
             if stage != "heal" or ev.get("step", 0) % 10:
                 return
@@ -111,11 +120,14 @@ def loop_cmd(preset, run_dir, resume_dir, quiet, **settings):
             elif isinstance(v, float):
                 v = f"{v:.4g}"
             parts.append(f"{k} {v}")
-        click.echo(f"[round {ev['round']}] {stage}: " + ", ".join(parts), err=True)
+        click.echo(f"{D.prefix()}[round {ev['round']}] {stage}: " + ", ".join(parts), err=True)
 
     res = L.run_loop(cfg, run_dir=run_dir, resume=resume_dir is not None, on_event=on_event)
-    click.echo(str(res.run_dir))
-    click.echo(f"mlxgate: {res.stopped}; report: {res.run_dir / L.REPORT_FILE}", err=True)
+    if D.is_main():  # the run directory (stdout, for scripts) and its report live on rank 0
+        click.echo(str(res.run_dir))
+        click.echo(f"mlxgate: {res.stopped}; report: {res.run_dir / L.REPORT_FILE}", err=True)
+    else:
+        D.log(f"{res.stopped}; the run directory is on rank 0")
 
 
 __all__ = ["loop_cmd"]

@@ -397,7 +397,7 @@ class RunState:
     def series(self) -> dict[str, list]:
         """Numeric history of the fields worth a sparkline (only those that appear)."""
         out: dict[str, list] = {}
-        for name in ("auth_nats", "coherence", "kl.rmse", "kl.mean", "kept", "dropped", "sigma_max", "n_ranks"):
+        for name in ("auth_nats", "coherence", "kl.rmse", "kl.mean", "kept", "dropped", "sigma_max", "lora_rank"):
             vals = [_lookup(ev, name) for _, ev in self.events]
             if any(v is not None for v in vals):
                 out[name] = [v for v in vals if v is not None]

@@ -307,7 +307,7 @@ def generation_frame(view, mem: dict) -> Layout:
 
 # ----------------------------------------------------------------------------- run view
 
-RUN_FIELDS = ("round", "stage", "step", "progress", "auth_nats", "coherence", "kl", "kept", "dropped", "n_ranks", "adapter_spectra")
+RUN_FIELDS = ("round", "stage", "step", "progress", "auth_nats", "coherence", "kl", "kept", "dropped", "lora_rank", "n_ranks", "adapter_spectra")
 HISTORY_FIELDS = ("auth_nats", "coherence", "kl.rmse", "kl.mean", "kept", "dropped", "sigma_max")
 
 
@@ -368,6 +368,9 @@ def run_frame(state, mem: dict) -> Layout:
     head = Text(no_wrap=True, overflow="ellipsis")
     head.append("mlxgate", style="bold")
     head.append(f" · run {os.path.basename(state.label.rstrip('/')) or state.label} · {len(state.events)} events")
+    n_ranks = state.latest.get("n_ranks")  # from the run's start/resume event (mlx.launch group size)
+    if isinstance(n_ranks, int) and n_ranks > 0:
+        head.append(f" · {n_ranks} rank{'s' if n_ranks > 1 else ''}")
     if state.last_time is not None:
         head.append(f" · last {time.time() - state.last_time:.0f}s ago")
 

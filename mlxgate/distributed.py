@@ -13,6 +13,7 @@ issued), so a plain run behaves exactly as before.
 - :func:`guard`: every collective runs inside it. A peer that dies closes its ring sockets and the
   collective raises; that error (and a watchdog timeout for a peer that hangs) becomes one clear
   line naming the rank that stopped answering.
+- :func:`on_main`: rank 0 reads or checks (its run directory) and every rank gets the answer.
 - :func:`main_only` / :func:`log`: only rank 0 writes files; the others log to their own stderr
   with ``[rank r/n]`` in front.
 """
@@ -218,6 +219,24 @@ def broadcast(obj: Any, what: str = "a broadcast") -> Any:
     if size() == 1:
         return obj
     return pickle.loads(all_gather_bytes(pickle.dumps(obj), what)[0])
+
+
+def on_main(fn: Callable, *args, what: str = "a decision on rank 0", **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` run on rank 0 only, its result (or the UserError it raised) given to
+    every rank: checks and reads of the run directory, which only rank 0's disk is sure to hold,
+    so that a bad input stops every rank with the same one line instead of leaving peers waiting."""
+    if size() == 1:
+        return fn(*args, **kwargs)
+    result, message = None, None
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as err:
+            message = str(err)
+    result, message = broadcast((result, message), what)
+    if message is not None:
+        raise UserError(message)
+    return result
 
 
 def all_sum_tree(tree, stream=mx.cpu):

@@ -437,8 +437,8 @@ def heal(
 ) -> HealResult:
     """Train one heal round on ``examples`` (in place: ``model`` gets a LoRA stack) and return it.
 
-    ``prev_adapters``: adapter directories of earlier rounds, oldest first, kept frozen in the
-    stack. ``on_step(record)`` is called after every micro-step with that step's metrics.
+    ``prev_adapters``: adapter directories of earlier rounds (or their factors as read by
+    :func:`mlxgate.lora.read_adapter`), oldest first, kept frozen in the stack. ``on_step(record)`` is called after every micro-step with that step's metrics.
     ``out``: if given, the adapter is written there atomically (see :func:`save_adapter`).
     """
     cfg = config
@@ -446,12 +446,14 @@ def heal(
     if not examples:
         raise UserError("no training examples (all completions were dropped)")
     prev_adapters = list(prev_adapters)
-    prev = [lora.read_adapter(p)[1] for p in prev_adapters]
+    # Directories are read here; already-read rounds ({path: LoRAFactors}, e.g. the loop's ranks
+    # that do not hold the run directory) pass through.
+    prev = [p if isinstance(p, dict) else lora.read_adapter(p)[1] for p in prev_adapters]
     r = cfg.round if cfg.round is not None else len(prev)
     lam_r = cfg.lam_r(r)
 
     switch = lora.attach(model, cfg.rank, cfg.scale, prev, seed=cfg.seed)
-    _check_prev_used(model, prev, prev_adapters)
+    _check_prev_used(model, prev, [f"#{i + 1}" if isinstance(a, dict) else a for i, a in enumerate(prev_adapters)])
     layers = [m for _, m in lora.stacked_layers(model)]
     n_layers = len(model.layers)
     train, val = split_val(examples, cfg.val_frac, cfg.seed)

@@ -18,6 +18,11 @@ Run directory (SPEC §5.7): ``config.json``, ``events.jsonl`` (one object per li
 ``rounds/r<N>/{vector.safetensors, kept.jsonl, dropped.jsonl, probes.jsonl, walk.json,
 eval_steered.json, adapters.safetensors, adapter_config.json, heal.json, eval.json,
 samples.jsonl, done.json}``, ``report.md`` and PNG plots.
+
+Under ``mlx.launch`` every rank runs the loop on its own copy of the model: generation, tinymfv
+and heal are sharded (heal data-parallel, every rank ends a round with the same adapter), and only
+rank 0 touches the run directory. What rank 0 reads from it (the resume point, committed records,
+earlier rounds' adapters) is broadcast, so the other ranks need no shared disk.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_unflatten  # noqa: E402
 
+from mlxgate import distributed as D  # noqa: E402
 from mlxgate import io as IO  # noqa: E402
 from mlxgate import lora  # noqa: E402
 from mlxgate.errors import UserError  # noqa: E402
@@ -280,16 +286,42 @@ def detach(model) -> None:
         model.update_modules(tree_unflatten([(p, m.linear) for p, m in stacked]))
 
 
-def set_stack(model, adapter_dirs: list[Path], rank: int, scale: float) -> lora.LoRASwitch | None:
-    """Model = base + the rounds in ``adapter_dirs`` (read from their files), the new-round slot off.
-    Returns the switch (None when there are no rounds: the plain model)."""
+def set_stack(model, prev: list[dict], rank: int, scale: float) -> lora.LoRASwitch | None:
+    """Model = base + the rounds ``prev`` ({module path: LoRAFactors} each, oldest first, as
+    :func:`read_stack` gives them), the new-round slot off. Returns the switch (None when there are
+    no rounds: the plain model)."""
     detach(model)
-    if not adapter_dirs:
+    if not prev:
         return None
-    prev = [lora.read_adapter(d)[1] for d in adapter_dirs]
     switch = lora.attach(model, rank, scale, prev)
     switch.current = False
     return switch
+
+
+def read_stack(run: Path, rounds: list[int], sent: dict[int, dict] | None = None) -> list[dict]:
+    """The adapters of ``rounds`` read from their files in the run directory.
+
+    In a group only rank 0 reads; each round's factors are broadcast once (``sent`` remembers them
+    on every rank, so later rounds do not resend them) and the other ranks need no shared disk."""
+    if D.size() == 1 or sent is None:
+        return [lora.read_adapter(round_dir(run, i))[1] for i in rounds]
+    missing = [i for i in rounds if i not in sent]
+    if missing:
+        payload = D.on_main(lambda: {i: _factors_to_host(lora.read_adapter(round_dir(run, i))[1]) for i in missing},
+                            what="sending earlier rounds' adapters")
+        sent.update({i: _factors_from_host(f) for i, f in payload.items()})
+    return [sent[i] for i in rounds]
+
+
+def _factors_to_host(factors: dict) -> dict:
+    # float32 numpy travels pickled; bfloat16/float16 factors survive the round trip exactly.
+    return {k: (np.array(f.a.astype(mx.float32)), np.array(f.b.astype(mx.float32)), str(f.a.dtype).split(".")[-1], f.scale)
+            for k, f in factors.items()}
+
+
+def _factors_from_host(host: dict) -> dict:
+    return {k: lora.LoRAFactors(mx.array(a).astype(getattr(mx, dt)), mx.array(b).astype(getattr(mx, dt)), scale)
+            for k, (a, b, dt, scale) in host.items()}
 
 
 # ----------------------------------------------------------------------------- events
@@ -307,10 +339,11 @@ class Recorder:
     def __call__(self, stage: str, **fields) -> dict:
         ev = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "round": self.round, "stage": stage, **fields}
         ev = _jsonable(ev)
-        try:
-            IO.append_jsonl(self.path, ev)
-        except OSError as err:
-            raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
+        if D.is_main():
+            try:
+                IO.append_jsonl(self.path, ev)
+            except OSError as err:
+                raise UserError(f"cannot write {self.path}: {err.strerror or err}") from None
         if self.on_event is not None:
             self.on_event(ev)
         return ev
@@ -329,11 +362,21 @@ def _jsonable(x):
 
 
 def _write_json(path: Path, obj) -> None:
-    IO.write_json(path, _jsonable(obj))
+    if D.is_main():  # only rank 0 writes the run directory
+        IO.write_json(path, _jsonable(obj))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    IO.write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+    if D.is_main():
+        IO.write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
+
+def _fresh_dir(path: Path) -> None:
+    """An empty directory at ``path`` (rank 0 only; a redone round starts from nothing)."""
+    if D.is_main():
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -399,6 +442,8 @@ def _save_adapter_into(rdir: Path, result) -> None:
     into the round directory (each rename atomic; the round counts only once done.json exists)."""
     from mlxgate.heal import save_adapter
 
+    if not D.is_main():
+        return
     tmp = rdir / ".adapter"
     save_adapter(tmp, result)
     for f in sorted(tmp.iterdir()):
@@ -410,27 +455,27 @@ def _kl_summary(evaluated: dict) -> dict:
     return {k: evaluated.get(f"kl_{k}") for k in ("mean", "rmse", "p95", "max")}
 
 
-def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contexts: list[str], rec: Recorder) -> dict:
-    """One round; returns its record (also written as rounds/r<N>/done.json, last)."""
+def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contexts: list[str], rec: Recorder,
+              sent: dict[int, dict] | None = None) -> dict:
+    """One round; returns its record (also written as rounds/r<N>/done.json, last). ``sent``: the
+    earlier rounds' adapters already shared with every rank (see :func:`read_stack`)."""
     from mlxgate import heal as H
     from mlxgate.filter import FilterThresholds
     from mlxgate.steer import collect as K
     from mlxgate.steer import extract as E
 
     rdir = round_dir(run, r)
-    if rdir.exists():
-        shutil.rmtree(rdir)
-    rdir.mkdir(parents=True)
+    _fresh_dir(rdir)
     timings: dict[str, float] = {}
-    prev_dirs = [round_dir(run, i) for i in range(1, r)]
     scale = cfg.alpha / cfg.rank
 
     tic = time.perf_counter()
-    switch = set_stack(model, prev_dirs, cfg.rank, scale)
+    prev = read_stack(run, list(range(1, r)), sent)
+    switch = set_stack(model, prev, cfg.rank, scale)
     layers = E.parse_layers(cfg.layers, info.n_layers)
-    rec("extract", step=0, progress=0.0, n_ranks=cfg.rank * (r - 1))
+    rec("extract", step=0, progress=0.0, lora_rank=cfg.rank * (r - 1))
     sv = E.extract(model, tokenizer, contexts, layers, cfg.pos or E.DEFAULT_POS, cfg.neg or E.DEFAULT_NEG, info=info)
-    E.save(sv, rdir / "vector.safetensors")
+    D.main_only(E.save, sv, rdir / "vector.safetensors")
     timings["extract"] = time.perf_counter() - tic
     rec("extract", progress=1.0, layers=layers, norms=sv.meta["norms"], seconds=timings["extract"])
 
@@ -488,7 +533,7 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
         rec("heal", step=h["step"], progress=h["step"] / total_steps, epoch=h["epoch"], loss=h["loss"], sft=h["sft"],
             kl={"mean": h["kl_mean"], cfg.agg: h["kl_agg"]}, hinge_active=h["hinge_active"], entropy=h["entropy"])
 
-    result = H.heal(model, tokenizer, examples, hcfg, prev_adapters=prev_dirs, on_step=on_step)
+    result = H.heal(model, tokenizer, examples, hcfg, prev_adapters=prev, on_step=on_step)
     switch = next(m for _, m in lora.stacked_layers(model)).switch
     _save_adapter_into(rdir, result)
     timings["heal"] = time.perf_counter() - tic
@@ -498,7 +543,7 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
     kl_base = kl_ref if cfg.ref == "base" or r == 1 else H.evaluate(model, switch, examples, dataclasses.replace(hcfg, ref="base"))
     spectra = _adapter_spectra(model)
     timings["bake"] = time.perf_counter() - tic
-    rec("bake", kl=_kl_summary(kl_ref), kl_base=_kl_summary(kl_base), adapter_spectra=spectra, n_ranks=cfg.rank * r,
+    rec("bake", kl=_kl_summary(kl_ref), kl_base=_kl_summary(kl_base), adapter_spectra=spectra, lora_rank=cfg.rank * r,
         hinge_active_frac=result.summary["hinge_active_frac"], seconds=timings["heal"])
 
     tic = time.perf_counter()
@@ -528,15 +573,17 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
         "kl_base": _kl_summary(kl_base),
         "heal": result.summary,
         "adapter_spectra": spectra,
-        "n_ranks": cfg.rank * r,
+        "lora_rank": cfg.rank * r,
         "vector_norms": sv.meta["norms"],
         "timings": timings,
         "peak_rss_bytes": _peak_bytes(),
         "mlx_peak_bytes": int(mx.get_peak_memory()),
     }
     _write_json(rdir / DONE_FILE, record)  # last: commits the round
+    # Every rank goes on with rank 0's record (also a barrier: the round is on rank 0's disk).
+    record = D.broadcast(_jsonable(record), f"round {r} commit")
     rec("round_done", **_headline(ev), kl=record["kl"], kept=record["kept"], dropped=record["dropped"], kappa=res.kappa,
-        n_ranks=record["n_ranks"], adapter_spectra=spectra, timings=timings, progress=1.0)
+        lora_rank=record["lora_rank"], adapter_spectra=spectra, timings=timings, progress=1.0)
     return record
 
 
@@ -562,9 +609,7 @@ def _headline(ev: dict) -> dict:
 def run_base(model, tokenizer, cfg: LoopConfig, run: Path, rec: Recorder) -> dict:
     """Round 0: the base model's evaluation and sample answers (rounds/r0, committed by done.json)."""
     rdir = round_dir(run, 0)
-    if rdir.exists():
-        shutil.rmtree(rdir)
-    rdir.mkdir(parents=True)
+    _fresh_dir(rdir)
     tic = time.perf_counter()
     ev = evaluate(model, tokenizer, cfg, rec, "eval")
     _write_json(rdir / "eval.json", ev)
@@ -575,7 +620,8 @@ def run_base(model, tokenizer, cfg: LoopConfig, run: Path, rec: Recorder) -> dic
         "timings": {"eval": time.perf_counter() - tic}, "peak_rss_bytes": _peak_bytes(),
     }
     _write_json(rdir / DONE_FILE, record)
-    rec("round_done", **_headline(ev), n_ranks=0, progress=1.0, timings=record["timings"])
+    record = D.broadcast(_jsonable(record), "round 0 commit")
+    rec("round_done", **_headline(ev), lora_rank=0, progress=1.0, timings=record["timings"])
     return record
 
 
@@ -633,6 +679,23 @@ def prepare_run_dir(run: Path, resume: bool) -> bool:
     return True
 
 
+def _resume_state(run: Path, info, model_name: str) -> list[dict]:
+    """On rank 0: check the run against the loaded model, repair what a kill left (a partial event
+    line, temporaries, uncommitted rounds) and return the committed round records (0 = base)."""
+    data = read_config(run)
+    saved_info = data.get("model_info") or {}
+    for key in ("model_type", "n_layers", "hidden_size", "vocab_size"):
+        if key in saved_info and saved_info[key] != getattr(info, key):
+            raise UserError(f"{run} was run on a model with {key} {saved_info[key]}, but {model_name} has {getattr(info, key)}")
+    _repair_events(run / EVENTS_FILE)
+    for p in run.iterdir():  # temporaries of a write that a kill interrupted
+        if p.name.startswith("."):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    done = _committed_rounds(run, discard=True)
+    records = load_records(run) if is_done(run, 0) else []
+    return records[: len(done) + 1]
+
+
 def run_loop(
     cfg: LoopConfig,
     run_dir: str | Path | None = None,
@@ -645,13 +708,14 @@ def run_loop(
     from mlxgate.steer.extract import load_contexts
 
     cfg.validate()
-    run = Path(run_dir) if run_dir is not None else default_run_dir(cfg, runs_root)
-    created = prepare_run_dir(run, resume)
+    # Rank 0's choice of directory (the default carries a timestamp) and its checks hold for all.
+    run = D.broadcast(Path(run_dir) if run_dir is not None else default_run_dir(cfg, runs_root), "choosing the run directory")
+    created = D.on_main(prepare_run_dir, run, resume, what="checking the run directory")
     try:
         contexts = load_contexts(cfg.contexts_file, cfg.n_contexts)
         model, tokenizer, info = load(cfg.model, dtype=cfg.dtype)
     except BaseException:
-        if created:
+        if created and D.is_main():
             shutil.rmtree(run, ignore_errors=True)
         raise
     try:
@@ -664,17 +728,8 @@ def _run(cfg: LoopConfig, run: Path, resume: bool, model, tokenizer, info, conte
     from mlxgate import backend
 
     if resume:
-        data = read_config(run)
-        saved_info = data.get("model_info") or {}
-        for key in ("model_type", "n_layers", "hidden_size", "vocab_size"):
-            if key in saved_info and saved_info[key] != getattr(info, key):
-                raise UserError(f"{run} was run on a model with {key} {saved_info[key]}, but {cfg.model} has {getattr(info, key)}")
-        _repair_events(run / EVENTS_FILE)
-        for p in run.iterdir():  # temporaries of a write that a kill interrupted
-            if p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        done = _committed_rounds(run, discard=True)
-        rec("resume", completed_rounds=done)
+        records = D.on_main(_resume_state, run, info, cfg.model, what="reading the run's committed rounds")
+        rec("resume", completed_rounds=[x["round"] for x in records if x["round"] >= 1], n_ranks=D.size())
     else:
         config = {
             "format": FORMAT,
@@ -682,36 +737,36 @@ def _run(cfg: LoopConfig, run: Path, resume: bool, model, tokenizer, info, conte
             "model_info": info.to_dict(),
             "versions": asdict(backend.info()),
             "backend": backend.backend_label(),
+            "n_ranks": D.size(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "argv": list(sys.argv),
         }
         _write_json(run / CONFIG_FILE, config)
-        rec("start", model=cfg.model, preset=cfg.preset, rounds=cfg.rounds, backend=backend.backend_label())
+        rec("start", model=cfg.model, preset=cfg.preset, rounds=cfg.rounds, backend=backend.backend_label(), n_ranks=D.size())
+        records = []
 
     result = LoopResult(run, model=model, tokenizer=tokenizer)
-    if not is_done(run, 0):
-        run_base(model, tokenizer, cfg, run, rec)
-    records = load_records(run)
+    sent: dict[int, dict] = {}  # adapters rank 0 has shared with the other ranks, by round
+    if not records:
+        records = [run_base(model, tokenizer, cfg, run, rec)]
     floor = effective_floor(cfg, records[0]["eval"]["coherence"])
     stopped, ran = "completed", False
-    for r in range(1, cfg.rounds + 1):
-        if is_done(run, r):
-            continue
+    for r in range(len(records), cfg.rounds + 1):
         last = records[-1]
         if last["round"] >= 1 and last["eval"]["coherence"] < floor:
             stopped = f"early stop after round {last['round']}: coherence {last['eval']['coherence']:.4f} < floor {floor:.4f}"
             break
         rec.round = r
         ran = True
-        records.append(run_round(r, model, tokenizer, info, cfg, run, contexts, rec))
+        records.append(run_round(r, model, tokenizer, info, cfg, run, contexts, rec, sent))
         write_report(run, cfg, records, floor)
     n_done = len(records) - 1
     if not ran and n_done:  # resumed with nothing left to run: build the stack of every round
-        set_stack(model, [round_dir(run, i) for i in range(1, n_done + 1)], cfg.rank, cfg.alpha / cfg.rank)
+        set_stack(model, read_stack(run, list(range(1, n_done + 1)), sent), cfg.rank, cfg.alpha / cfg.rank)
     rec.round = n_done
     if stopped != "completed":
         rec("early_stop", message=stopped, coh_floor=floor)
-    if cfg.export_baked and n_done:
+    if cfg.export_baked and n_done and D.is_main():
         from mlxgate.bake import bake
 
         tic = time.perf_counter()
@@ -727,10 +782,12 @@ def _run(cfg: LoopConfig, run: Path, resume: bool, model, tokenizer, info, conte
 
 
 def write_report(run: Path, cfg: LoopConfig, records: list[dict], floor: float, stopped: str | None = None) -> None:
-    """report.md and the PNG plots, from the committed round records."""
+    """report.md and the PNG plots, from the committed round records (rank 0 only)."""
     from mlxgate.plots_loop import plot_all
     from mlxgate.tinymfv import coh_cost
 
+    if not D.is_main():
+        return
     plots = plot_all(records, run)
     f = lambda v, d=3: "-" if v is None else (f"{v:.{d}f}" if isinstance(v, float) else str(v))  # noqa: E731
     g = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731  (KL spans 1e-5 .. 10 nats)
@@ -787,4 +844,4 @@ def write_report(run: Path, cfg: LoopConfig, records: list[dict], floor: float, 
     IO.write_text(run / REPORT_FILE, "\n".join(lines) + "\n")
 
 
-__all__ = ["LoopConfig", "LoopResult", "PRESETS", "make_config", "resume_config", "run_loop", "read_config", "load_records", "set_stack", "detach", "BaseView"]
+__all__ = ["LoopConfig", "LoopResult", "PRESETS", "make_config", "resume_config", "run_loop", "read_config", "load_records", "read_stack", "set_stack", "detach", "BaseView"]

@@ -126,6 +126,9 @@ def test_run_directory_complete(loop_run):
     config = json.loads((run / "config.json").read_text())
     assert config["format"] == L.FORMAT and config["settings"] == asdict(cfg)
     assert config["model_info"]["n_layers"] == 4 and config["backend"] and config["versions"]["mlx"]
+    assert config["n_ranks"] == 1  # one process: no mlx.launch group
+    start = [e for e in events if e["stage"] == "start"]
+    assert len(start) == 1 and start[0]["n_ranks"] == 1
 
     records = L.load_records(run)
     assert [r["round"] for r in records] == [0, 1, 2]
@@ -136,7 +139,7 @@ def test_run_directory_complete(loop_run):
         assert len(kept) == rec["kept"] == cfg.n_keep  # the wide-open filter keeps everything
         assert all(k["kept"] and "tail_ppl" in k["scores"] and k["entropy_mean"] > 0 for k in kept)
         assert all("reason" in d for d in dropped)
-        assert rec["n_ranks"] == cfg.rank * r and rec["heal"]["round"] == r - 1
+        assert rec["lora_rank"] == cfg.rank * r and rec["heal"]["round"] == r - 1
         assert set(rec["kl"]) == {"mean", "rmse", "p95", "max"} and rec["kl"]["max"] >= rec["kl"]["p95"] >= 0
         assert 0 < rec["eval"]["coherence"] < 1 and records[r]["eval_steered"]["n_rows"] == cfg.eval_limit
         eval_json = json.loads((run / "rounds" / f"r{r}" / "eval.json").read_text())
@@ -149,7 +152,7 @@ def test_run_directory_complete(loop_run):
     heal_ev = [e for e in events if e["stage"] == "heal"]
     assert all(0 < e["progress"] <= 1 and set(e["kl"]) == {"mean", "rmse"} for e in heal_ev)
     bake_ev = [e for e in events if e["stage"] == "bake"]
-    assert [e["n_ranks"] for e in bake_ev] == [4, 8] and all("sigma_max" in e["adapter_spectra"] for e in bake_ev)
+    assert [e["lora_rank"] for e in bake_ev] == [4, 8] and all("sigma_max" in e["adapter_spectra"] for e in bake_ev)
     lines = (run / "events.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == events
 
@@ -197,6 +200,7 @@ def test_dashboard_follows_run(loop_run):
     out = CliRunner().invoke(main, ["dashboard", "--run", str(res.run_dir), "--once"])
     assert out.exit_code == 0, out.output
     assert "coherence" in out.output and "round" in out.output
+    assert "· 1 rank" in out.output  # the group size of the run, from its start event
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -248,7 +252,7 @@ def test_sigkill_in_round_two_then_resume(tiny_dir, tmp_path):
     for name in ROUND_FILES:
         assert (run / "rounds" / "r2" / name).is_file()
     # round 2 trained on top of round 1 read back from its files
-    assert json.loads((run / "rounds" / "r2" / "done.json").read_text())["n_ranks"] == 2 * TINY["rank"]
+    assert json.loads((run / "rounds" / "r2" / "done.json").read_text())["lora_rank"] == 2 * TINY["rank"]
 
 
 # ----------------------------------------------------------------------------- bad input

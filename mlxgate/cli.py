@@ -22,7 +22,9 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            click.echo(f"mlxgate: error: {err}", err=True)
+            from mlxgate.distributed import error_prefix
+
+            click.echo(f"{error_prefix()}mlxgate: error: {err}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("mlxgate: interrupted", err=True)

@@ -94,6 +94,15 @@ def prefix() -> str:
     return f"[rank {rank()}/{size()}] " if size() > 1 else ""
 
 
+def error_prefix() -> str:
+    """:func:`prefix` for an error line, without joining the group: a command can fail before it
+    ever did (bad flags), and under ``mlx.launch`` every rank prints that line."""
+    if _GROUP is not None:
+        return prefix()
+    r = os.environ.get("MLX_RANK")  # set by mlx.launch for each rank
+    return f"[rank {r}] " if r is not None else ""
+
+
 def log(msg: str) -> None:
     """One line on this rank's stderr, prefixed with the rank in a group."""
     print(prefix() + msg, file=sys.stderr, flush=True)
@@ -167,14 +176,6 @@ def shard(items: Sequence, n: int | None = None, r: int | None = None) -> tuple[
     stop = start + q + (1 if r < extra else 0)
     idx = list(range(start, stop))
     return idx, [items[i] for i in idx]
-
-
-def shard_batches(n_items: int, batch_size: int) -> list[int]:
-    """This rank's item indices when whole batches of ``batch_size`` consecutive items are dealt
-    out in contiguous blocks: each item is processed in the same batch as in a single process
-    (left padding, and so the numerics, unchanged)."""
-    batches = [list(range(i, min(i + batch_size, n_items))) for i in range(0, n_items, max(batch_size, 1))]
-    return [i for b in shard(batches)[1] for i in b]
 
 
 def all_gather_bytes(blob: bytes, what: str = "a gather") -> list[bytes]:

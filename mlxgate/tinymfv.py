@@ -44,6 +44,7 @@ import numpy as np
 
 from mlxgate.errors import UserError
 from mlxgate import distributed
+from mlxgate.batches import rank_batches
 from mlxgate.generate import decode_steps, prefill
 from mlxgate.hooks import steering
 from mlxgate.prompts import chat_ids
@@ -337,19 +338,18 @@ def evaluate_tinymfv(
     ctx = steering(model, *steer_args) if steer_args else nullcontext()
     # Under mlx.launch each rank runs whole batches of jobs (the batches one process forms) and
     # the per-job results are gathered in job order on every rank.
-    _, starts = distributed.shard(range(0, len(jobs), batch_size))
     done, results = [], []
     with ctx:
-        for start in starts:
-            chunk = jobs[start : start + batch_size]
+        for _, idx in rank_batches(len(jobs), batch_size):
+            chunk = [jobs[j] for j in idx]
             thoughts = think(model, [j[2] for j in chunk], think_tokens, eot)
             seqs = [p + t + s for (_, _, p, s), t in zip(chunk, thoughts)]
             lp_chunk, top = readout(model, seqs, opt_ids)
-            for j, t, l, k in zip(range(start, start + len(chunk)), thoughts, lp_chunk, top):
+            for j, t, l, k in zip(idx, thoughts, lp_chunk, top):
                 done.append(j)
                 results.append((np.asarray(l), tokenizer.decode(t), tokenizer.decode([int(k)])))
             if on_progress is not None:
-                on_progress(min(start + batch_size, len(jobs)), len(jobs))
+                on_progress(idx[-1] + 1, len(jobs))
     results = distributed.gather_ordered(results, done, all_ranks=True, what="gathering tinymfv rows")
     for (r, frame, _, _), (l, t, k) in zip(jobs, results):
         lp[frame][r] = l

@@ -14,9 +14,9 @@ PY = sys.executable
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
 PROBE = (
-    "import mlxgate, mlx.core as mx\nfrom mlxgate import distributed as D\n"
+    "import mlxgate, mlx.core as mx\nfrom mlxgate import distributed as D\nfrom mlxgate.batches import rank_batches\n"
     "x = mx.distributed.all_sum(mx.array([D.rank() + 1.0]))\nprint('SUM', D.size(), x.item())\n"
-    "print('BCAST', D.broadcast({'r': D.rank()}), D.gather_ordered([D.rank() * 10], [D.rank()], all_ranks=True), D.shard_batches(5, 2))\n"
+    "print('BCAST', D.broadcast({'r': D.rank()}), D.gather_ordered([D.rank() * 10], [D.rank()], all_ranks=True), rank_batches(5, 2))\n"
 )
 
 

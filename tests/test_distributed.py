@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -39,9 +38,9 @@ def ring(tmp_path_factory) -> Path:
 
 def test_two_rank_helpers(ring):
     """broadcast takes rank 0's object; gather_ordered puts results in index order on every rank;
-    shard_batches deals whole batches (5 items, batches of 2: rank 0 gets [0..3], rank 1 [4])."""
+    rank_batches deals whole batches (5 items, batches of 2: rank 0 gets batches 0-1, rank 1 batch 2)."""
     lines = sorted(x for x in (ring / "probe.out").read_text().splitlines() if x.startswith("BCAST"))
-    assert lines == ["BCAST {'r': 0} [0, 10] [0, 1, 2, 3]", "BCAST {'r': 0} [0, 10] [4]"]
+    assert lines == ["BCAST {'r': 0} [0, 10] [(0, [0, 1]), (1, [2, 3])]", "BCAST {'r': 0} [0, 10] [(2, [4])]"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_size_one_is_identity():
     assert D.all_sum_tree(tree) is tree
     assert D.all_sum_scalars([1.5, 2.0]) == [1.5, 2.0]
     assert D.main_only(lambda v: v + 1, 1) == 2
-    assert D.shard_batches(5, 2) == [0, 1, 2, 3, 4]
+    assert D.error_prefix() == ""
     assert D.broadcast({"round": 3}) == {"round": 3}
 
 

@@ -216,3 +216,11 @@ def test_batch_seeds_single_process(ckpt):
     rep = measure_prompts(model, tok, PROMPTS[:3], max_tokens=5, temp=1.0, seed=7, batch_size=3)
     ref = generate(model, [prompt_ids(tok, p) for p in PROMPTS[:3]], 5, set(tok.eos_token_ids), temp=1.0, seed=7, batch_size=3)
     assert [r["token_ids"] for r in rep["prompts"]] == [c.tokens for c in ref]
+
+
+def test_bad_input_names_the_rank(ring):
+    """A bad flag under launch: each rank prints the one error line, prefixed with its rank."""
+    launch(["bash", "-c", PER_RANK, *CLI, "measure", "--model", str(ring / "no-such-model"), "--prompt", "hi"], ring, timeout=60)
+    for r in (0, 1):
+        lines = [x for x in (ring / f"r{r}" / "stderr.txt").read_text().splitlines() if x.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"[rank {r}] mlxgate: error: model path not found"), lines

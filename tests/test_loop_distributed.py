@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,10 +23,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
+from _ring import LAUNCH, PY, ring_dir  # noqa: E402
 from mlxgate import loop as L  # noqa: E402
 
-PY = sys.executable
-LAUNCH = Path(sys.executable).parent / "mlx.launch"
 # Settings of tests/test_loop.py's TINY, with decode and eval batches small enough that both ranks
 # get work: 8 contexts in batches of 4 (one per rank), 2 vignettes x 2 frames in batches of 2.
 TINY = dict(
@@ -62,17 +60,7 @@ def _kept_ids(run: Path, r: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory) -> Path:
-    if not LAUNCH.exists():
-        pytest.skip(f"mlx.launch not found beside {PY}")
-    d = tmp_path_factory.mktemp("ring_loop")
-    (d / "probe.py").write_text("import mlxgate, mlx.core as mx\nprint('SUM', mx.distributed.all_sum(mx.array([1.0])).item())\n")
-    try:
-        p = subprocess.run([str(LAUNCH), "-n", "2", "--backend", "ring", "--", PY, "probe.py"], cwd=d, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.skip("mlx.launch --backend ring did not finish a 2-rank all_sum in 60 s")
-    if p.stdout.count("SUM 2.0") != 2:
-        pytest.skip(f"mlx.launch --backend ring cannot start 2 ranks here: {(p.stderr or p.stdout).strip()[-300:]}")
-    return d
+    return ring_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -131,10 +131,25 @@ def _rowdot(x: mx.array, y: mx.array) -> mx.array:
     return (x[:, None, :] @ y[:, :, None])[:, 0, 0]
 
 
-def _rowsum(x: mx.array) -> mx.array:
-    """sum(x, -1) for [r, V] as a gemv. MLX's CPU sum adds serially (rel. error ~5e-4 at
-    V = 262,144 measured); BLAS gemv keeps many partial sums (~6e-7)."""
-    return x @ mx.ones((x.shape[-1],), dtype=x.dtype)
+_ONES: dict[int, mx.array] = {}
+
+
+def _ones(n: int) -> mx.array:
+    """A float32 ones vector of length n for row sums as gemvs (``x @ ones``), kept between
+    calls (at most 8 widths, 4n bytes each) so that a call does not allocate one the size of a
+    row. Why gemv: MLX's CPU sum adds serially (rel. error ~5e-4 at V = 262,144 measured);
+    BLAS gemv keeps many partial sums (~6e-7)."""
+    o = _ONES.get(n)
+    if o is None:
+        o = mx.ones((n,), dtype=mx.float32)
+        try:
+            mx.eval(o)
+        except ValueError:  # inside mx.compile: use it for this trace only
+            return o
+        if len(_ONES) >= 8:
+            _ONES.pop(next(iter(_ONES)))
+        _ONES[n] = o
+    return o
 
 
 # ----------------------------------------------------------------- composed (CPU) chunks
@@ -163,16 +178,45 @@ def _exp_nonpos(t: mx.array) -> mx.array:
     return p * two_k
 
 
-def _ent_chunk(x: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]:
-    """(H, lse[, log p[id]]) of a [r, V] chunk, float32 [r] each."""
+# Forward entropy: e^t is split in two fused loops because MLX fuses at most 11 ops deep and
+# a bit-cast (view) ends a fused loop (as in _exp_nonpos, which left six row-sized buffers per
+# chunk). Loop 1 writes (r, k), loop 2 writes (e, e * t), usually into loop 1's buffers: two to
+# three float32 temporaries per logit of the chunk (measured), summed by gemvs.
+_FLUSH_J = 60  # e^t = 0 for t < -60 ln 2 (~ -41.6): < 2^-60 each, ~1e-11 nats lost at V = 262,144
+
+
+def _ent_reduce(x: mx.array, m: mx.array) -> tuple[mx.array, mx.array]:
+    """(r, k) with -t = m - x = k ln2 - r: k an integer in [0, 127] (as float32), |r| <= ln2/2,
+    so e^t = e^r / 2^k. Built from m - x (not x - m) so that MLX's common-subexpression pass
+    does not merge it with the t of _ent_scale and keep a third temporary."""
+    nt = mx.minimum(m - x.astype(mx.float32), 88.0)  # -inf logit -> 88 -> flushed below
+    k = (nt * 1.4426950408889634 + 12582912.0) - 12582912.0  # round to nearest (k < 2^22)
+    r = (k * _LN2_HI - nt) + k * _LN2_LO  # Cody-Waite: t - (-k) ln2 without rounding loss
+    return r, k
+
+
+def _ent_scale(r: mx.array, k: mx.array, x: mx.array, m: mx.array) -> tuple[mx.array, mx.array]:
+    """(e, e * t) from _ent_reduce's (r, k): e = P(r) / 2^k with 2^k from integer shifts
+    (no bit-cast, so this is one fused loop), e = 0 exactly where k > _FLUSH_J."""
+    j = k.astype(mx.int32)
+    lo = mx.left_shift(1, mx.minimum(j, 30)).astype(mx.float32)
+    hi = mx.left_shift(1, mx.minimum(mx.maximum(j - 30, 0), 30)).astype(mx.float32)
+    r2 = r * r
+    c = _EXP_TAYLOR
+    p = ((c[0] + c[1] * r) + r2 * (c[2] + c[3] * r)) + (r2 * r2) * ((c[4] + c[5] * r) + r2 * (c[6] + c[7] * r))
+    e = mx.where(j > _FLUSH_J, 0.0, p / (lo * hi))
+    # max(): e * t is 0 (not 0 * -inf) at -inf logits.
+    return e, e * mx.maximum(x.astype(mx.float32) - m, -88.0)
+
+
+def _ent_chunk(x: mx.array, ones: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]:
+    """(H, lse[, log p[id]]) of a [r, V] chunk, float32 [r] each; ``ones`` float32 [V]."""
     m = mx.max(x, axis=-1, keepdims=True).astype(mx.float32)
-    m = mx.where(m == -mx.inf, 0.0, m)  # all -inf row: t = -inf, e = 0, lse = -inf
-    # Clamp so that e * t is 0 (not 0 * -inf) at -inf logits; NaN passes through.
-    t = mx.maximum(x.astype(mx.float32) - m, -3.0e38)
-    e = _exp_nonpos(t)
-    s = _rowsum(e)
+    m = mx.where(m == -mx.inf, 0.0, m)  # all -inf row: e = 0, lse = -inf, H = NaN
+    e, z = _ent_scale(*_ent_reduce(x, m), x, m)
+    s = e @ ones  # row sums as gemvs (see _ones)
     ls = mx.log(s)
-    out = (ls - _rowdot(e, t) / s, m[:, 0] + ls)
+    out = (ls - (z @ ones) / s, m[:, 0] + ls)
     if ids is None:
         return out
     # (z_id - m) - log s, not z_id - lse: at |z| ~ 1e4 the latter loses ~1e-4 to rounding.
@@ -180,7 +224,7 @@ def _ent_chunk(x: mx.array, ids: mx.array | None = None) -> tuple[mx.array, ...]
     return out + ((picked - m[:, 0]) - ls,)
 
 
-def _kl_chunk(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def _kl_chunk(a: mx.array, b: mx.array, ones: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     a = a.astype(mx.float32)
     b = b.astype(mx.float32)
     ma = mx.max(a, axis=-1, keepdims=True)
@@ -188,8 +232,8 @@ def _kl_chunk(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     ma = mx.where(ma == -mx.inf, 0.0, ma)
     mb = mx.where(mb == -mx.inf, 0.0, mb)
     ea = _exp_nonpos(a - ma)
-    sa = _rowsum(ea)
-    sb = _rowsum(_exp_nonpos(b - mb))
+    sa = ea @ ones
+    sb = _exp_nonpos(b - mb) @ ones
     u = _rowdot(ea, mx.where(ea > 0, a - b, 0.0))
     ma, mb = ma[:, 0], mb[:, 0]
     # KL = E_p[a - b] - lse_a + lse_b with the maxima kept apart: exactly 0 when a == b.
@@ -220,7 +264,7 @@ def _kl_bwd_chunk(a, b, lse_a, lse_b, kl, c_kl, c_la, c_lb):
     return ga.astype(a.dtype), gb.astype(b.dtype)
 
 
-_ent_chunk_c = mx.compile(lambda x: _ent_chunk(x))
+_ent_chunk_c = mx.compile(lambda x, ones: _ent_chunk(x, ones))
 _ent_chunk_ids_c = mx.compile(_ent_chunk)
 _kl_chunk_c = mx.compile(_kl_chunk)
 _ent_bwd_chunk_c = mx.compile(lambda x, lse, ent, ce, cl, ct: _ent_bwd_chunk(x, lse, ent, ce, cl, ct, None))
@@ -232,11 +276,12 @@ def _composed_stats(x: mx.array, ids: mx.array | None) -> list[mx.array]:
     n, vocab = x.shape
     ev = _Evaluator()
     ents, lses, tlps = [], [], []
+    ones = _ones(vocab)
     for lo, hi in _row_chunks(n, vocab):
         if ids is None:
-            outs = _ent_chunk_c(x[lo:hi])
+            outs = _ent_chunk_c(x[lo:hi], ones)
         else:
-            outs = _ent_chunk_ids_c(x[lo:hi], ids[lo:hi])
+            outs = _ent_chunk_ids_c(x[lo:hi], ones, ids[lo:hi])
             tlps.append(outs[2])
         ev(list(outs))
         ents.append(outs[0])
@@ -251,8 +296,9 @@ def _composed_kl(a: mx.array, b: mx.array) -> list[mx.array]:
     n, vocab = a.shape
     ev = _Evaluator()
     parts: list[list[mx.array]] = [[], [], []]
+    ones = _ones(vocab)
     for lo, hi in _row_chunks(n, vocab):
-        outs = _kl_chunk_c(a[lo:hi], b[lo:hi])
+        outs = _kl_chunk_c(a[lo:hi], b[lo:hi], ones)
         ev(list(outs))
         for acc, o in zip(parts, outs):
             acc.append(o)

@@ -135,3 +135,64 @@ def cuda_test_source(items: list[tuple[str, str, int, int, int]]) -> str:
         out.append(f"  constexpr int VEC = {vec};\n  using T = {t};\n{body}\n}}\n\n")
     out.append("}  // namespace mlx::core::cu\n")
     return "".join(out)
+
+
+# mx.fast.metal_kernel's names for the dtypes (mlx/backend/common/compiled.cpp get_type_string).
+_METAL_TYPES = {"float32": "float", "bfloat16": "bfloat16_t", "float16": "float16_t", "int32": "int32_t"}
+# The thread-position arguments MLX adds when their name occurs in the body, in its order
+# (mlx/backend/common/metal_kernel.cpp, metal_kernel()).
+_METAL_ATTRS = (
+    ("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"), ("grid_origin", "uint3"), ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"), ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"), ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"), ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"), ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"), ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"), ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"), ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+)
+_METAL_CONSTANT_BELOW = 8  # inputs with fewer elements go in the `constant` address space
+
+
+def metal_test_source(name: str, dtype: str, rows: int, vocab: int, tpb: int = 32, vec: int = 1) -> str:
+    """The text mx.fast.metal_kernel (MLX 0.26-0.32) appends to its Metal utils header for
+    kernel ``name`` called the way mlxgate.ops calls it on ``rows`` x ``vocab`` inputs of
+    ``dtype`` ('float32' | 'bfloat16' | 'float16'): our header, a ``[[kernel]] void``
+    template with MLX's generated signature, the body, and MLX's explicit instantiation.
+    Mirrors write_signature/metal_kernel of mlx/backend/common/metal_kernel.cpp (v0.32.1);
+    ``rows`` matters because MLX passes inputs of < 8 elements as ``const constant T*``."""
+    spec = SPECS[name]
+    header, body = sources("metal", spec)
+    t = _METAL_TYPES[dtype]
+    fwd = spec.body.endswith("_fwd")
+    targs = [("typename", "T", t), ("int", "V", vocab)]
+    if fwd:
+        targs += [("int", "TPB", tpb), ("int", "VEC", vec)]
+    # Input dtypes and sizes as mlxgate.ops passes them (float32 stats/cotangents, int32 ids).
+    ins = []
+    for n in spec.inputs:
+        if n in ("logits", "a", "b"):
+            ins.append((n, t, rows * vocab))
+        elif n == "nrows":
+            ins.append((n, "int32_t", 1))
+        else:
+            ins.append((n, "int32_t" if n == "ids" else "float", rows))
+    outs = [(n, "float" if fwd else t) for n in spec.outputs]
+    tdef = "<" + ", ".join(str(v) for _, _, v in targs) + ">"
+    kname = f"custom_kernel_mlxgate_{name}_" + tdef.replace(", ", "_").replace("<", "_").replace(">", "_")[:-1]
+    kname += "".join(f"_{ty}" + ("c" if size < _METAL_CONSTANT_BELOW else "") for _, ty, size in ins)
+    kname += "".join(f"_{ty}" for _, ty in outs)
+    params = []
+    for i, (n, ty, size) in enumerate(ins):
+        space = "constant" if size < _METAL_CONSTANT_BELOW else "device"
+        params.append(f"  const {space} {ty}* {n} [[buffer({i})]]")
+        if any(f"{n}_{s}" in body for s in ("shape", "strides", "ndim")):
+            raise NotImplementedError("shape/strides/ndim arguments are not mirrored")
+    params += [f"  device {ty}* {n} [[buffer({len(ins) + i})]]" for i, (n, ty) in enumerate(outs)]
+    params += [f"  {ty} {a} [[{a}]]" for a, ty in _METAL_ATTRS if a in body]
+    out = [header, "template <" + ", ".join(f"{k} {n}" for k, n, _ in targs) + ">\n"]
+    out.append(f"[[kernel]] void {kname}(\n" + ",\n".join(params) + ") {\n" + body + "\n}\n")
+    out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({kname}{tdef}) {kname}{tdef};\n')
+    return "".join(out)

@@ -157,12 +157,14 @@ _METAL_CONSTANT_BELOW = 8  # inputs with fewer elements go in the `constant` add
 
 
 def metal_test_source(name: str, dtype: str, rows: int, vocab: int, tpb: int = 32, vec: int = 1) -> str:
-    """The text mx.fast.metal_kernel (MLX 0.26-0.32) appends to its Metal utils header for
-    kernel ``name`` called the way mlxgate.ops calls it on ``rows`` x ``vocab`` inputs of
-    ``dtype`` ('float32' | 'bfloat16' | 'float16'): our header, a ``[[kernel]] void``
-    template with MLX's generated signature, the body, and MLX's explicit instantiation.
-    Mirrors write_signature/metal_kernel of mlx/backend/common/metal_kernel.cpp (v0.32.1);
-    ``rows`` matters because MLX passes inputs of < 8 elements as ``const constant T*``."""
+    """The text mx.fast.metal_kernel appends to its Metal utils header for kernel ``name``
+    called the way mlxgate.ops calls it on ``rows`` x ``vocab`` inputs of ``dtype``
+    ('float32' | 'bfloat16' | 'float16'): our header, a ``[[kernel]] void`` template with
+    MLX's generated signature, the body, and MLX's explicit instantiation. Mirrors
+    write_signature/metal_kernel in mlx/backend/common/metal_kernel.cpp (same text from
+    v0.32.0 to at least 2026-08 main); ``rows`` matters because MLX (since v0.26.2) passes
+    inputs of < 8 elements as ``const constant T*``. For a syntax check on Linux
+    (tests/test_kernels_metal_shim.py); MLX itself never calls this."""
     spec = SPECS[name]
     header, body = sources("metal", spec)
     t = _METAL_TYPES[dtype]

@@ -8,8 +8,8 @@
 //   MSL 3.1 §2.1  scalar types half, bfloat, uint, ushort, size_t, int32_t; §2.2 uint3
 //   §4     address spaces device / constant / threadgroup (clang: real, distinct address
 //          spaces, so passing a `constant` buffer where `device` is expected is an error)
-//   §6.5   T exp(T), T log(T), T fmax(T, T) for float and half, in metal::, metal::precise::
-//          and metal::fast::; INFINITY, NAN, FLT_MAX
+//   §6.5   T exp(T), T log(T), T fmax(T, T) for T = float and half (so exp(1) is ambiguous,
+//          as in Metal); float precise::exp, precise::log; INFINITY, NAN, FLT_MAX
 //   §6.9.1 void threadgroup_barrier(mem_flags); enum mem_flags
 //   §6.9.2 T simd_shuffle_xor(T data, ushort mask)
 // Anything else (e.g. a CUDA-ism such as expf, fmaxf, __syncthreads) is deliberately
@@ -35,14 +35,14 @@ typedef unsigned int uint;
 typedef unsigned short ushort;
 typedef __SIZE_TYPE__ size_t;
 typedef int int32_t;
-typedef unsigned short uint16_t;
 
 struct uint3 {
   uint x, y, z;
 };
 
 #if defined(__clang__)
-// clang's storage-only 16-bit float: implicit conversions and float arithmetic, like `half`.
+// clang's storage-only 16-bit float: implicit conversions and float arithmetic, like `half`
+// (the test passes -fnative-half-arguments-and-returns so it may be a parameter type).
 typedef __fp16 half;
 #else
 typedef _Float16 half;
@@ -65,17 +65,11 @@ half log(half x);
 float fmax(float x, float y);
 half fmax(half x, half y);
 
+// The precise:: variants exist for float only (as the fast:: ones, which the kernels do not use).
 namespace precise {
 float exp(float x);
 float log(float x);
-float fmax(float x, float y);
 }  // namespace precise
-
-namespace fast {
-float exp(float x);
-float log(float x);
-float fmax(float x, float y);
-}  // namespace fast
 
 enum class mem_flags : uint {
   mem_none = 0,

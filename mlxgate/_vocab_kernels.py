@@ -138,11 +138,14 @@ def cuda_test_source(items: list[tuple[str, str, int, int, int]]) -> str:
 
 
 # mx.fast.metal_kernel's names for the dtypes (mlx/backend/common/compiled.cpp get_type_string).
-_METAL_TYPES = {"float32": "float", "bfloat16": "bfloat16_t", "float16": "float16_t", "int32": "int32_t"}
+_METAL_TYPES = {
+    "float32": "float", "bfloat16": "bfloat16_t", "float16": "float16_t", "int32": "int32_t"
+}
 # The thread-position arguments MLX adds when their name occurs in the body, in its order
 # (mlx/backend/common/metal_kernel.cpp, metal_kernel()).
 _METAL_ATTRS = (
-    ("dispatch_quadgroups_per_threadgroup", "uint"), ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
     ("dispatch_threads_per_threadgroup", "uint3"), ("grid_origin", "uint3"), ("grid_size", "uint3"),
     ("quadgroup_index_in_threadgroup", "uint"), ("quadgroups_per_threadgroup", "uint"),
     ("simdgroup_index_in_threadgroup", "uint"), ("simdgroups_per_threadgroup", "uint"),
@@ -156,7 +159,9 @@ _METAL_ATTRS = (
 _METAL_CONSTANT_BELOW = 8  # inputs with fewer elements go in the `constant` address space
 
 
-def metal_test_source(name: str, dtype: str, rows: int, vocab: int, tpb: int = 32, vec: int = 1) -> str:
+def metal_test_source(
+    name: str, dtype: str, rows: int, vocab: int, tpb: int = 32, vec: int = 1
+) -> str:
     """The text mx.fast.metal_kernel appends to its Metal utils header for kernel ``name``
     called the way mlxgate.ops calls it on ``rows`` x ``vocab`` inputs of ``dtype``
     ('float32' | 'bfloat16' | 'float16'): our header, a ``[[kernel]] void`` template with
@@ -183,8 +188,10 @@ def metal_test_source(name: str, dtype: str, rows: int, vocab: int, tpb: int = 3
             ins.append((n, "int32_t" if n == "ids" else "float", rows))
     outs = [(n, "float" if fwd else t) for n in spec.outputs]
     tdef = "<" + ", ".join(str(v) for _, _, v in targs) + ">"
-    kname = f"custom_kernel_mlxgate_{name}_" + tdef.replace(", ", "_").replace("<", "_").replace(">", "_")[:-1]
-    kname += "".join(f"_{ty}" + ("c" if size < _METAL_CONSTANT_BELOW else "") for _, ty, size in ins)
+    thash = tdef.replace(", ", "_").replace("<", "_").replace(">", "_")[:-1]
+    kname = f"custom_kernel_mlxgate_{name}_{thash}"
+    for _, ty, size in ins:
+        kname += f"_{ty}" + ("c" if size < _METAL_CONSTANT_BELOW else "")
     kname += "".join(f"_{ty}" for _, ty in outs)
     params = []
     for i, (n, ty, size) in enumerate(ins):
@@ -196,5 +203,6 @@ def metal_test_source(name: str, dtype: str, rows: int, vocab: int, tpb: int = 3
     params += [f"  {ty} {a} [[{a}]]" for a, ty in _METAL_ATTRS if a in body]
     out = [header, "template <" + ", ".join(f"{k} {n}" for k, n, _ in targs) + ">\n"]
     out.append(f"[[kernel]] void {kname}(\n" + ",\n".join(params) + ") {\n" + body + "\n}\n")
-    out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({kname}{tdef}) {kname}{tdef};\n')
+    inst = f"decltype({kname}{tdef}) {kname}{tdef};\n"
+    out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] {inst}')
     return "".join(out)

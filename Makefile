@@ -24,10 +24,11 @@ system-deps:
 	  need=""; \
 	  ls /usr/lib/*-linux-gnu/libopenblas.so.0 >/dev/null 2>&1 || need="$$need libopenblas0-pthread"; \
 	  command -v tmux >/dev/null 2>&1 || need="$$need tmux"; \
+	  ls /usr/bin/clang++* >/dev/null 2>&1 || need="$$need clang"; \
 	  if [ -n "$$need" ]; then \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
 	    ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$need) >/dev/null 2>&1 \
-	      || echo "note: could not apt-get install$$need; continuing (slower CPU matmuls / dashboard test skipped)"; \
+	      || echo "note: could not apt-get install$$need; continuing (slower CPU matmuls; dashboard and Metal address-space tests skipped)"; \
 	  fi; \
 	fi
 

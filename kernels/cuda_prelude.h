@@ -3,8 +3,6 @@
 #define MLXG_CUDA 1
 #define KFN __device__ __forceinline__
 #define MLXG_SHARED __shared__
-#define MLXG_GPTR const
-#define MLXG_OPTR
 #define MLXG_BARRIER() __syncthreads()
 // Fixed-count loops over a step's values: unrolled, so the value arrays stay in registers
 // (not unrolled, nvcc put a bf16 KL step's 32 floats in local memory).

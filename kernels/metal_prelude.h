@@ -4,8 +4,6 @@
 #define MLXG_METAL 1
 #define KFN inline
 #define MLXG_SHARED threadgroup
-#define MLXG_GPTR const device
-#define MLXG_OPTR device
 #define MLXG_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
 #define MLXG_UNROLL _Pragma("clang loop unroll(full)")
 #define MLXG_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))

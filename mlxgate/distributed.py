@@ -152,7 +152,8 @@ def guard(what: str = "a collective", timeout: float | None = None) -> Iterator[
     try:
         yield
     except RuntimeError as err:
-        if "[ring]" in str(err) or "[mpi]" in str(err).lower() or "peer" in str(err):
+        text = str(err).lower()
+        if any(tag in text for tag in ("[ring]", "[mpi]", "[nccl]", "nccl error", "peer")):
             raise _lost(what, str(err)) from None
         raise
     finally:

@@ -73,6 +73,7 @@ def _write_filtered(out_dir: Path, kept: list[dict], dropped: list[dict]) -> Non
 @click.option("--dtype", type=DTYPE, default=None, help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
 def extract(model, pos, neg, contexts_file, n_contexts, layers, batch_size, out, dtype):
     """Mean-difference persona vector at the assistant tag, per layer (SPEC §5.1)."""
+    from mlxgate import distributed
     from mlxgate.models import load
     from mlxgate.steer import extract as E
 
@@ -84,6 +85,9 @@ def extract(model, pos, neg, contexts_file, n_contexts, layers, batch_size, out,
     lm, tok, info = load(model, dtype=dtype)
     layer_ids = E.parse_layers(layers, info.n_layers)
     sv = E.extract(lm, tok, contexts, layer_ids, pos or E.DEFAULT_POS, neg or E.DEFAULT_NEG, batch_size, info)
+    if not distributed.is_main():  # under mlx.launch every rank holds the vector; rank 0 writes it
+        _say(f"extracted its share of {len(contexts)} contexts; rank 0 writes {out}")
+        return
     E.save(sv, out)
     s = E.summary(sv)
     for L in s["layers"]:

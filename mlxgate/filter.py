@@ -159,19 +159,29 @@ def filter_rows(
     on_row: Callable[[int, dict], None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Split data rows into (kept, dropped); each output row is the input plus ``scores``,
-    ``kept`` and (dropped only) ``reason`` (every failed check, joined by "; ")."""
-    kept, dropped = [], []
-    for i, row in enumerate(rows):
+    ``kept`` and (dropped only) ``reason`` (every failed check, joined by "; ").
+
+    Under ``mlx.launch`` each rank scores a contiguous block of the rows (each row is scored on
+    its own, so the scores equal one process's) and every rank gets all of them, in input order.
+    ``on_row(i, row)`` is called for this rank's rows, ``i`` indexing ``rows``."""
+    from mlxgate import distributed
+
+    rows = list(rows)
+    mine, local = distributed.shard(rows)
+    scored = []
+    for i, row in zip(mine, local):
         scores, reasons = score(model, row, thresholds)
         out = {**row, "scores": scores, "kept": not reasons}
         if reasons:
             out["reason"] = "; ".join(reasons)
-            dropped.append(out)
         else:
             out.pop("reason", None)
-            kept.append(out)
+        scored.append(out)
         if on_row:
             on_row(i, out)
+    scored = distributed.gather_ordered(scored, mine, all_ranks=True, what="gathering filter scores")
+    kept = [r for r in scored if r["kept"]]
+    dropped = [r for r in scored if not r["kept"]]
     return kept, dropped
 
 

@@ -195,6 +195,35 @@ def test_steer_generate_under_launch(ring, ckpt, inputs, tmp_path, temp):
     assert_rank1_quiet(r1, must_log=True)  # the dose line, prefixed
 
 
+def test_steer_extract_under_launch(ring, ckpt, tmp_path):
+    """6 contexts x 2 personas = 12 prompts in batches of 4 (rank 0: batches 0-1, rank 1: batch 2):
+    the hidden states are gathered in order, so the vector is the single process's, bit for bit."""
+    from safetensors.numpy import load_file
+
+    args = ["steer", "extract", "-m", ckpt, "--n", "6", "--batch-size", "4", "-o", "v.safetensors"]
+    single(args, tmp_path)
+    r0, r1 = launched(args, tmp_path)
+    one, two = load_file(str(tmp_path / "v.safetensors")), load_file(str(r0 / "v.safetensors"))
+    assert sorted(one) == sorted(two) and one
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k])
+    assert_rank1_quiet(r1)
+
+
+def test_steer_filter_under_launch(ring, ckpt, inputs, tmp_path):
+    """--filter-dir: each rank scores its block of the completions; the kept/dropped files rank 0
+    writes equal the single process's byte for byte."""
+    args = ["steer", "generate", "-m", ckpt, "-v", str(inputs / "v.safetensors"), "-c", "2", "--prompts", str(inputs / "prompts.txt"),
+            "--max-tokens", "6", "--batch-size", "2", "--temp", "1.0", "--seed", "5", "-o", "g.jsonl", "--filter-dir", "f"]
+    single(args, tmp_path)
+    r0, r1 = launched(args, tmp_path)
+    for name in ("kept.jsonl", "dropped.jsonl"):
+        assert (tmp_path / "f" / name).read_bytes() == (r0 / "f" / name).read_bytes(), name
+    rows = [json.loads(x) for n in ("kept.jsonl", "dropped.jsonl") for x in (r0 / "f" / n).read_text().splitlines()]
+    assert len(rows) == len(PROMPTS) and all(r["scores"]["tail_ppl"] is not None for r in rows)
+    assert_rank1_quiet(r1, must_log=True)
+
+
 # ----------------------------------------------------------------------------- one process
 
 

@@ -82,9 +82,17 @@ def launched(ring, tiny_dirs):
 def test_two_ranks_run_the_same_loop(single, launched):
     """Same doses, same kept completions, same evaluation and (to the summation order of the
     gradient all-reduce) the same adapters as one process."""
+    from safetensors.numpy import load_file
+
     run2, _ = launched
     one, two = L.load_records(single), L.load_records(run2)
     assert [r["round"] for r in two] == [0, 1, 2]
+    # Round 1 starts from the same base: sharded extraction, generation and filter scoring give
+    # the single process's bits (whole batches per rank, rows gathered in order).
+    v1, v2 = (load_file(str(d / "rounds" / "r1" / "vector.safetensors")) for d in (single, run2))
+    assert sorted(v1) == sorted(v2) and all(np.array_equal(v1[k], v2[k]) for k in v1)
+    for name in ("probes.jsonl", "kept.jsonl", "dropped.jsonl"):
+        assert (single / "rounds" / "r1" / name).read_bytes() == (run2 / "rounds" / "r1" / name).read_bytes(), name
     for a, b in zip(one, two):
         for key, value in a["eval"].items():
             if isinstance(value, float):

@@ -108,17 +108,23 @@ def last_token_states(model: nn.Module, prompts: list[list[int]], layers: list[i
 
     Batched over left-padded prompts through the masked batched KV cache; the last prefill call
     processes only the last column, so its captured block outputs are [B, 1, d] at the last token.
+    Under ``mlx.launch`` each rank runs whole batches (the ones a single process forms, so the
+    states are the same bits) and every rank gets every row, in order.
     """
-    out: dict[int, list[np.ndarray]] = {L: [] for L in layers}
-    for start in range(0, len(prompts), max(1, batch_size)):
-        chunk = prompts[start : start + batch_size]
+    from mlxgate import distributed
+    from mlxgate.batches import rank_batches
+
+    mine, rows = [], []
+    for _, idx in rank_batches(len(prompts), batch_size):
         with capture(model, layers) as got:
-            prefill(model, chunk)
+            prefill(model, [prompts[i] for i in idx])
             last = {L: got[L][-1][:, -1, :].astype(mx.float32) for L in layers}
             mx.eval(last)
-        for L in layers:
-            out[L].append(np.array(last[L]))
-    return {L: np.concatenate(parts, axis=0) for L, parts in out.items()}
+        batch = {L: np.array(last[L]) for L in layers}
+        rows += [{L: batch[L][j] for L in layers} for j in range(len(idx))]
+        mine += idx
+    rows = distributed.gather_ordered(rows, mine, all_ranks=True, what="gathering hidden states")
+    return {L: np.stack([r[L] for r in rows]) for L in layers}
 
 
 @dataclass

@@ -206,3 +206,58 @@ def metal_test_source(
     inst = f"decltype({kname}{tdef}) {kname}{tdef};\n"
     out.append(f'\ntemplate [[host_name("{kname}")]] [[kernel]] {inst}')
     return "".join(out)
+
+
+_HOST_TYPES = {"float32": "float", "bfloat16": "mlxg_h::bf16", "float16": "_Float16"}
+
+
+def host_test_source(items: list[tuple[str, str, int, int, int]], prelude: str) -> str:
+    """One C++20 file that runs each (name, dtype, V, TPB, VEC) body on the CPU, for
+    tests/test_kernels_host.py (a SIMT emulator; MLX never calls this). ``prelude`` is the
+    text of tests/kernel_host/host_prelude.h, split at the same prologue marker as the CUDA
+    and Metal preludes; then vocab_common.h, then per item the unchanged body inside a
+    function whose template arguments are constexprs (as in :func:`cuda_test_source`), taking
+    checked pointers, and an ``extern "C" int mlxgate_<name>_<k>(void* const* bufs, const
+    int64_t* counts, int64_t blocks, int bdim)`` launcher: ``bufs``/``counts`` are the
+    inputs then the outputs of SPECS[name] and their element counts, ``blocks`` x ``bdim``
+    the launch grid (a *_fwd kernel needs bdim == TPB and one block per row). Returns 0, or
+    1 with ``mlxg_h_last_error()`` set."""
+    head, prologue = prelude.split(_MARKER)
+    f32 = {"lse", "ent", "c_ent", "c_lse", "lse_a", "lse_b", "kl", "c_kl", "c_lse_a", "c_lse_b", "c_tlp"}
+    out = [head, "\n", _read("vocab_common.h"), "\n"]
+    for k, (name, dtype, vocab, tpb, vec) in enumerate(items):
+        spec = SPECS[name]
+        t = _HOST_TYPES[dtype]
+        types = {n: ("int32_t" if n in ("ids", "nrows") else ("float" if n in f32 else t)) for n in spec.inputs}
+        types.update({n: (t if n in ("grad", "ga", "gb") else "float") for n in spec.outputs})
+        fn = f"mlxgate_{name}_{k}"
+        params = ["    const mlxg_h::Ix& mlxg_h_ix"]
+        params += [f"    const mlxg_h::Ptr<const {types[n]}> {n}" for n in spec.inputs]
+        params += [f"    const mlxg_h::Ptr<{types[n]}> {n}" for n in spec.outputs]
+        body = prologue.strip() + "\n" + _read(f"{spec.body}.body")
+        if spec.has_ids:
+            out.append("#define MLXG_HAS_IDS 1\n")
+        out.append(f"static void {fn}_body(\n" + ",\n".join(params) + ") {\n")
+        out.append(f"  constexpr int V = {vocab};\n  constexpr int TPB = {tpb};\n")
+        out.append(f"  constexpr int VEC = {vec};\n  using T = {t};\n{body}\n}}\n")
+        if spec.has_ids:
+            out.append("#undef MLXG_HAS_IDS\n")
+        names = list(spec.inputs) + list(spec.outputs)
+        nin = len(spec.inputs)
+        launch = [f'extern "C" int {fn}(void* const* bufs, const int64_t* counts, int64_t blocks, int bdim) {{\n']
+        launch.append(f"  mlxg_h::Launch L(bufs, counts, {nin}, {len(spec.outputs)});\n")
+        for i, n in enumerate(names):
+            kind = "in" if i < nin else "out"
+            launch.append(f'  const auto {n} = L.{kind}<{types[n]}>({i}, "{n}");\n')
+        onames = ", ".join(f'"{n}"' for n in spec.outputs)
+        launch.append(f"  static const char* const out_names[] = {{{onames}}};\n")
+        args = ", ".join(["ix"] + names)
+        launch.append(f"  auto run = [&](const mlxg_h::Ix& ix) {{ {fn}_body({args}); }};\n")
+        if spec.body.endswith("_fwd"):
+            launch.append(f"  if (bdim != {tpb}) return 2;  // the body assumes blockDim == TPB\n")
+            launch.append(f"  L.run_blocks(blocks, bdim, run);\n")
+        else:
+            launch.append(f"  L.run_flat(blocks, bdim, run);\n")
+        launch.append("  return L.finish(out_names);\n}\n\n")
+        out.extend(launch)
+    return "".join(out)

@@ -31,7 +31,9 @@ KFN MlxgEnt mlxg_ent_rescale(MlxgEnt r, float mn) {
   if (r.s > 0.0f) {  // s == 0: nothing accumulated yet, m may still be -inf
     float d = r.m - mn;
     float a = MLXG_EXP(d);
-    r.w = a * (r.w + d * r.s);
+    // a == 0 (old max >= ~104 nats below, e.g. logits masked with -FLT_MAX): the old terms
+    // vanish, and d * s may overflow to -inf, which a * (...) would turn into NaN.
+    r.w = (a > 0.0f) ? a * (r.w + d * r.s) : 0.0f;
     r.s = a * r.s;
   }
   r.m = mn;
@@ -91,7 +93,7 @@ KFN MlxgKl mlxg_kl_rescale_a(MlxgKl r, float mn) {
   if (r.sa > 0.0f) {
     float a = MLXG_EXP(r.ma - mn);
     r.sa *= a;
-    r.u *= a;
+    r.u = (a > 0.0f) ? r.u * a : 0.0f;  // u may be -inf (pairs at a -FLT_MAX max): not NaN
   }
   r.ma = mn;
   return r;

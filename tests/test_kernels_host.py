@@ -196,6 +196,55 @@ def test_far_tail_and_masked_stretch(kern, dtype):
     check_fwd(kern, dtype, x, y, np.array([vocab - 1, vocab - 1, 7]))
 
 
+# The most negative finite value of each dtype: masks written as finfo(dtype).min.
+FLOAT_MIN = {"float32": float(np.finfo(np.float32).min), "bfloat16": -3.3895313892515355e38}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab", [4099, 40000])
+@pytest.mark.parametrize("mask", ["-inf", "finfo.min"])
+def test_masked_stretches(kern, dtype, vocab, mask):
+    """Masked logits (-inf, or the dtype's most negative finite value as torch.finfo(dtype).min
+    masks write it) in long stretches: whole threads and warps see only masked values before
+    merging with live ones, P masked where Q is live (the KL's slow path), and a row
+    spanning +-3e38. The masked entries contribute nothing, as in the oracle."""
+    m = NEG_INF if mask == "-inf" else FLOAT_MIN[dtype]
+    raw = RNG.standard_normal((4, vocab)) * 3
+    raw[0, : vocab // 2] = m
+    raw[1, RNG.random(vocab) < 0.6] = m
+    raw[1, 0] = 2.0
+    raw[2, : vocab - 3] = m  # the live tokens arrive last
+    raw[3] = -3e38
+    raw[3, 5] = 3e38
+    x = H.to_storage(raw, dtype)
+    xv = H.values(x, dtype)
+    ids = np.array([0, 0, vocab - 1, 5])
+    got = stats(kern, dtype, x, ids)
+    want = ref_stats(xv, ids)
+    for key in want:
+        close(got[key], want[key], tol(dtype), 1e-6)
+    y = H.to_storage(RNG.standard_normal((4, vocab)) * 3, dtype)
+    close(kl(kern, dtype, x[:3], y[:3])[0], ref_kl(xv[:3], H.values(y[:3], dtype)), tol(dtype), 1e-6)
+    if mask == "-inf":
+        q = x.copy()
+        q[:3] = H.to_storage(np.where(np.isneginf(xv[:3]), NEG_INF, H.values(y[:3], dtype)), dtype)
+        close(kl(kern, dtype, q[:3], x[:3])[0], ref_kl(H.values(q[:3], dtype), xv[:3]), tol(dtype), 1e-6)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a NaN logit read while its thread's running max is still -inf (e.g. at a row's "
+    "start) is skipped by the `st.m > -inf` guard, so H and lse stay finite; vocab_common.h "
+    "says a NaN makes every output NaN (the composed path does)",
+)
+def test_nan_logit_at_row_start_propagates(kern):
+    x = (RNG.standard_normal((2, 4099)) * 3).astype(np.float32)
+    x[0, 0] = np.nan
+    x[1, 4098] = np.nan
+    got = stats(kern, "float32", x, np.array([1, 1]))
+    assert np.all(np.isnan(got["entropy"])) and np.all(np.isnan(got["logsumexp"]))
+
+
 def test_all_neg_inf_row_is_documented_nan(kern):
     x = np.zeros((3, 64), dtype=np.float32)
     x[1] = NEG_INF
@@ -343,3 +392,106 @@ def test_twenty_launches_are_bit_identical(kern):
                 assert np.array_equal(got, want[:rows]), (mode, seed)
     finally:
         H.set_mode(kern, "fibers")
+
+
+# ------------------------------------------------- the harness can fail (mutation tests)
+
+NEG_ENT = ("entropy_fwd_ids", "float32", 4099, 512, 1)
+NEG_KL = ("kl_fwd", "float32", 4096, 128, 4)
+MUTANTS = {
+    # vocab_common.h: the rescale factor e^(m_old - m_new) becomes e^(m_new - m_old).
+    "rescale_sign": ([NEG_ENT, NEG_KL], [
+        ("float d = r.m - mn;", "float d = mn - r.m;"),
+        ("float a = MLXG_EXP(r.ma - mn);", "float a = MLXG_EXP(mn - r.ma);"),
+    ]),
+    # The emulator: the last butterfly step reads the lane's own value, not its partner's.
+    "shuffle_partner": ([NEG_ENT, NEG_KL], [
+        ("mlxg_h::shfl_xor((v), (m))", "mlxg_h::shfl_xor((v), (m) == 1 ? 0 : (m))"),
+    ]),
+    # Bodies: no barrier before the second reduction; no alignment guard before vector loads;
+    # the grid-stride loop one past the end; a grid stride that skips elements.
+    "bodies": ([("entropy_fwd", "float32", 4096, 128, 4), NEG_KL,
+                ("entropy_bwd", "float32", 4099, 512, 1), ("kl_bwd", "float32", 4099, 512, 1)], [
+        ("MLXG_BARRIER();\nif (mlxg_warp == 0) {\n  MlxgEnt r", "if (mlxg_warp == 0) {\n  MlxgEnt r"),
+        ("MLXG_ALIGNED16(ra) && MLXG_ALIGNED16(rb)", "true"),
+        ("for (size_t i = mlxg_gid; i < total; i += mlxg_gsize) {\n  const size_t r = i / (size_t)V;\n"
+         "  const float lp", "for (size_t i = mlxg_gid; i <= total; i += mlxg_gsize) {\n"
+         "  const size_t r = i / (size_t)V;\n  const float lp"),
+        ("i += mlxg_gsize) {\n  const size_t r = i / (size_t)V;\n  const float la",
+         "i += mlxg_gsize + 1) {\n  const size_t r = i / (size_t)V;\n  const float la"),
+    ]),
+    # A shuffle reached by only half of warp 0's lanes (divergent __shfl_xor_sync: a hang).
+    "divergent_shuffle": ([NEG_ENT], [("if (mlxg_warp == 0) {\n  MlxgEnt r", "if (mlxg_tid < 16) {\n  MlxgEnt r")]),
+}
+
+
+@pytest.fixture(scope="module")
+def mutants(tmp_path_factory):
+    srcs = []
+    for items, edits in MUTANTS.values():
+        src = H.source(items)
+        for old, new in edits:
+            assert old in src, f"mutation target not found: {old!r}"
+            src = src.replace(old, new)
+        srcs.append(src)
+    sos = H.build(srcs, tmp_path_factory.mktemp("kernel_host_mutants"))
+    return {name: H.HostKernels(so, items) for (name, (items, _)), so in zip(MUTANTS.items(), sos)}
+
+
+def _neg_inputs(vocab):
+    x = (RNG.standard_normal((3, vocab)) * 4).astype(np.float32)
+    y = (x + RNG.standard_normal(x.shape)).astype(np.float32)
+    return x, y, np.array([0, 1, 2])
+
+
+@pytest.mark.parametrize("mutant", ["rescale_sign", "shuffle_partner"])
+def test_wrong_math_or_wrong_shuffle_is_caught(kern, mutants, mutant):
+    m = mutants[mutant]
+    mk = {it: m for it in m.items}
+    x, y, ids = _neg_inputs(NEG_ENT[2])
+    want = ref_stats(x, ids)
+    good = H.entropy_fwd(kern, NEG_ENT, x, ids)
+    bad = H.entropy_fwd(mk, NEG_ENT, x, ids)
+    close(good["entropy"], want["entropy"], TOL_F32, 1e-6)
+    assert not np.allclose(bad["entropy"], want["entropy"], rtol=TOL_F32, atol=1e-6, equal_nan=True)
+    a, b, _ = _neg_inputs(NEG_KL[2])
+    close(H.kl_fwd(kern, NEG_KL, a, b)[0], ref_kl(a, b), TOL_F32, 1e-6)
+    bad_kl = H.kl_fwd(mk, NEG_KL, a, b)
+    assert not np.allclose(bad_kl[0], ref_kl(a, b), rtol=TOL_F32, atol=1e-6, equal_nan=True)
+    assert not np.allclose(bad_kl[1], ref_stats(a)["logsumexp"], rtol=TOL_F32, atol=1e-6, equal_nan=True)
+
+
+def test_missing_barrier_reads_poisoned_shared_memory(mutants):
+    """In-order fibers run warp 0 through the second reduction before the other warps have
+    stored their partials: it reads the NaN poison of fresh shared memory."""
+    m = mutants["bodies"]
+    item = m.items[0]
+    x, _, _ = _neg_inputs(item[2])
+    got = H.entropy_fwd({item: m}, item, x)
+    assert np.all(np.isnan(got["entropy"]))
+
+
+def test_checked_memory_catches_misaligned_oob_and_skipped_writes(mutants):
+    m = mutants["bodies"]
+    kmap = {it: m for it in m.items}
+    a, b, _ = _neg_inputs(NEG_KL[2])
+    close(H.kl_fwd(kmap, NEG_KL, a, b)[0], ref_kl(a, b), TOL_F32, 1e-6)  # aligned: still right
+    with pytest.raises(H.KernelError, match="misaligned vector load from a"):
+        H.kl_fwd(kmap, NEG_KL, a, b, misalign=True)
+    x, _, _ = _neg_inputs(4099)
+    lse, ent = ref_stats(x)["logsumexp"], ref_stats(x)["entropy"]
+    ones = np.ones(3, np.float32)
+    with pytest.raises(H.KernelError, match=r"out-of-bounds access to logits\[12297\]"):
+        H.entropy_bwd(kmap, m.items[2], x, lse, ent, ones, ones)
+    with pytest.raises(H.KernelError, match=r"output ga\[\d+\] written 0 times"):
+        H.kl_bwd(kmap, m.items[3], x, x, lse, lse, np.zeros(3), ones, ones, ones, blocks=2)
+
+
+@pytest.mark.parametrize("mode", ["fibers", "threads"])
+def test_divergent_shuffle_is_reported_as_a_hang(mutants, mode):
+    m = mutants["divergent_shuffle"]
+    x, _, ids = _neg_inputs(NEG_ENT[2])
+    m.set_mode(mode)
+    m.set_watchdog(1.0)
+    with pytest.raises(H.KernelError, match="not reached by all its threads"):
+        H.entropy_fwd({NEG_ENT: m}, NEG_ENT, x, ids)

@@ -244,7 +244,7 @@ def host_test_source(items: list[tuple[str, str, int, int, int]], prelude: str) 
             out.append("#undef MLXG_HAS_IDS\n")
         names = list(spec.inputs) + list(spec.outputs)
         nin = len(spec.inputs)
-        launch = [f'extern "C" int {fn}(void* const* bufs, const int64_t* counts, int64_t blocks, int bdim) {{\n']
+        launch = [f'extern "C" MLXG_H_EXPORT int {fn}(void* const* bufs, const int64_t* counts, int64_t blocks, int bdim) {{\n']
         launch.append(f"  mlxg_h::Launch L(bufs, counts, {nin}, {len(spec.outputs)});\n")
         for i, n in enumerate(names):
             kind = "in" if i < nin else "out"

@@ -422,11 +422,17 @@ MUTANTS = {
     ]),
     # A shuffle reached by only half of warp 0's lanes (divergent __shfl_xor_sync: a hang).
     "divergent_shuffle": ([NEG_ENT], [("if (mlxg_warp == 0) {\n  MlxgEnt r", "if (mlxg_tid < 16) {\n  MlxgEnt r")]),
+    # Not a mutant: MLXG_EXP_FAST with 4 low bits cleared (relative error up to 2^-20, all one
+    # way: 4x ex2.approx's bound, and biased).
+    "coarse_exp": ([ops_item(n, d, v) for n in ("entropy_fwd_ids", "kl_fwd")
+                    for d, v in (("float32", 40000), ("bfloat16", 32771), ("float16", 4099))],
+                   [('#include "host_runtime.h"', '#define MLXG_H_EXP_FAST_DROP_BITS 4\n#include "host_runtime.h"')]),
 }
 
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
+    """{variant: HostKernels} of the MUTANTS sources, built concurrently."""
     srcs = []
     for items, edits in MUTANTS.values():
         src = H.source(items)
@@ -436,6 +442,22 @@ def mutants(tmp_path_factory):
         srcs.append(src)
     sos = H.build(srcs, tmp_path_factory.mktemp("kernel_host_mutants"))
     return {name: H.HostKernels(so, items) for (name, (items, _)), so in zip(MUTANTS.items(), sos)}
+
+
+@pytest.mark.parametrize("dtype,vocab", [("float32", 40000), ("bfloat16", 32771), ("float16", 4099)])
+def test_forward_within_tolerance_under_a_coarse_fast_exp(kern, mutants, dtype, vocab):
+    """Each per-element exp truncated to 20 significand bits (biased low, 4x the worst of
+    ex2.approx): sums of up to 40,000 such terms still meet the oracle's tolerances."""
+    m = mutants["coarse_exp"]
+    x = H.to_storage(RNG.standard_normal((3, vocab)) * 4, dtype)
+    y = H.to_storage(H.values(x, dtype) + RNG.standard_normal((3, vocab)), dtype)
+    ids = np.array([0, 1, vocab - 1])
+    coarse = check_fwd({it: m for it in m.items}, dtype, x, y, ids)
+    exact = kern[ops_item("kl_fwd", dtype, vocab)]
+    for t in (-1.0, -7.25, -30.5):  # the define took effect: low bits cleared, biased low
+        e = math.exp(t)
+        assert m.exp_fast(t) < exact.exp_fast(t) and abs(m.exp_fast(t) - e) <= 2.0**-19 * e
+        assert abs(exact.exp_fast(t) - e) <= (2.0**-23 + abs(t) * 2.0**-24) * e
 
 
 def _neg_inputs(vocab):

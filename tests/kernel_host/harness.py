@@ -27,7 +27,7 @@ PRELUDE = HERE / "host_prelude.h"
 RUNTIME = HERE / "host_runtime.h"
 # -ffp-contract=fast with FMA: NVRTC's default -fmad=true contracts a*b+c the same way.
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast",
-         "-fno-strict-aliasing", "-Wall", "-Wextra", "-Werror", "-Wno-unused-variable"]
+         "-fno-strict-aliasing", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-Wno-unused-variable"]
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 ELEMENTWISE_TPB = 256  # mlxgate.ops._elementwise_grid
 ELEMENTWISE_MAX_BLOCKS = 8192
@@ -104,7 +104,13 @@ class HostKernels:
         self.lib.mlxg_h_last_error.restype = ctypes.c_char_p
         self.lib.mlxg_h_set_watchdog.argtypes = [ctypes.c_double]
         self.lib.mlxg_h_set_mode.argtypes = [ctypes.c_int, ctypes.c_uint64]
+        self.lib.mlxg_h_exp_fast.argtypes = [ctypes.c_float]
+        self.lib.mlxg_h_exp_fast.restype = ctypes.c_float
         self.set_mode("fibers")
+
+    def exp_fast(self, x: float) -> float:
+        """MLXG_EXP_FAST(x) as this build computes it."""
+        return float(self.lib.mlxg_h_exp_fast(x))
 
     def set_mode(self, mode: str, seed: int = 0) -> None:
         """'fibers' (one OS thread, fibers resumed in order, or shuffled per pass when seed

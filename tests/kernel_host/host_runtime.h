@@ -29,6 +29,10 @@
 #include <ucontext.h>
 #include <vector>
 
+// Built with -fvisibility=hidden: only the launchers are exported, so several builds (e.g. the
+// mutants of tests/test_kernels_host.py) loaded at once never share a symbol.
+#define MLXG_H_EXPORT __attribute__((visibility("default")))
+
 namespace mlxg_h {
 
 constexpr float bits_f32(uint32_t u) { return std::bit_cast<float>(u); }
@@ -55,9 +59,16 @@ static_assert(sizeof(_Float16) == 2);
 // __expf: ex2.approx(x * log2(e)) with the product rounded to float, which is the dominant
 // error (relative ~|x| 2^-24). exp2f itself is closer than ex2.approx's ~2^-22; denormal
 // results are not flushed.
+// With MLXG_H_EXP_FAST_DROP_BITS = k, the result's k low significand bits are cleared and
+// subnormal results flushed (ex2.approx.ftz): an error at least ex2.approx's, all one way.
 inline float expf_approx(float x) {
   const float t = x * bits_f32(0x3fb8aa3bu);  // log2(e) as a float, as in __expf
-  return exp2f(t);
+  float r = exp2f(t);
+#ifdef MLXG_H_EXP_FAST_DROP_BITS
+  r = std::bit_cast<float>(std::bit_cast<uint32_t>(r) & ~((1u << MLXG_H_EXP_FAST_DROP_BITS) - 1u));
+  if (r < bits_f32(0x00800000u)) r = 0.0f;
+#endif
+  return r;
 }
 
 struct Abort {};
@@ -421,14 +432,16 @@ struct Launch {
 
 }  // namespace mlxg_h
 
-extern "C" const char* mlxg_h_last_error() {
+extern "C" MLXG_H_EXPORT const char* mlxg_h_last_error() {
   std::lock_guard<std::mutex> lk(mlxg_h::g_err_mu);
   return mlxg_h::g_err.c_str();
 }
-extern "C" void mlxg_h_set_watchdog(double seconds) { mlxg_h::g_watchdog_s = seconds; }
+// MLXG_EXP_FAST as built, for checking the build's exp model from Python.
+extern "C" MLXG_H_EXPORT float mlxg_h_exp_fast(float x) { return mlxg_h::expf_approx(x); }
+extern "C" MLXG_H_EXPORT void mlxg_h_set_watchdog(double seconds) { mlxg_h::g_watchdog_s = seconds; }
 // fibers = 1: block kernels run as fibers, resumed in an order shuffled by seed (0: in order);
 // fibers = 0: one OS thread per virtual thread.
-extern "C" void mlxg_h_set_mode(int fibers, uint64_t seed) {
+extern "C" MLXG_H_EXPORT void mlxg_h_set_mode(int fibers, uint64_t seed) {
   mlxg_h::g_fibers = fibers != 0;
   mlxg_h::g_seed = seed;
 }

@@ -422,6 +422,10 @@ MUTANTS = {
     ]),
     # A shuffle reached by only half of warp 0's lanes (divergent __shfl_xor_sync: a hang).
     "divergent_shuffle": ([NEG_ENT], [("if (mlxg_warp == 0) {\n  MlxgEnt r", "if (mlxg_tid < 16) {\n  MlxgEnt r")]),
+    # Not a mutant: metal_prelude.h's loads (vector steps on any row start, scalar reads).
+    "metal_loads": ([ops_item(n, d, v) for n in ("entropy_fwd_ids", "kl_fwd")
+                     for d, v in (("float32", 4096), ("bfloat16", 40000), ("float16", 32768))],
+                    [('#include "host_runtime.h"', '#define MLXG_H_METAL_LOADS 1\n#include "host_runtime.h"')]),
     # Not a mutant: MLXG_EXP_FAST with 4 low bits cleared (relative error up to 2^-20, all one
     # way: 4x ex2.approx's bound, and biased).
     "coarse_exp": ([ops_item(n, d, v) for n in ("entropy_fwd_ids", "kl_fwd")
@@ -432,7 +436,8 @@ MUTANTS = {
 
 @pytest.fixture(scope="module")
 def mutants(tmp_path_factory):
-    """{variant: HostKernels} of the MUTANTS sources, built concurrently."""
+    """{variant: HostKernels} of the MUTANTS sources (mutants and build variants), built
+    concurrently."""
     srcs = []
     for items, edits in MUTANTS.values():
         src = H.source(items)
@@ -458,6 +463,23 @@ def test_forward_within_tolerance_under_a_coarse_fast_exp(kern, mutants, dtype, 
         e = math.exp(t)
         assert m.exp_fast(t) < exact.exp_fast(t) and abs(m.exp_fast(t) - e) <= 2.0**-19 * e
         assert abs(exact.exp_fast(t) - e) <= (2.0**-23 + abs(t) * 2.0**-24) * e
+
+
+@pytest.mark.parametrize("dtype,vocab", [("float32", 4096), ("bfloat16", 40000), ("float16", 32768)])
+@pytest.mark.parametrize("misalign", [False, True])
+def test_metal_loads_take_the_vector_steps_on_any_row_start(mutants, dtype, vocab, misalign):
+    """The Metal flavour of the loads (MLXG_ALIGNED16 true, element-wise LOAD_VEC): the
+    vector-step loops run even on rows starting one element past a 16-byte boundary."""
+    m = mutants["metal_loads"]
+    km = {it: m for it in m.items}
+    x = H.to_storage(RNG.standard_normal((3, vocab)) * 4, dtype)
+    y = H.to_storage(H.values(x, dtype) + RNG.standard_normal((3, vocab)), dtype)
+    xv, yv = H.values(x, dtype), H.values(y, dtype)
+    ids = np.array([0, 7, vocab - 1])
+    got = H.entropy_fwd(km, ops_item("entropy_fwd_ids", dtype, vocab), x, ids, misalign)
+    for key, want in ref_stats(xv, ids).items():
+        close(got[key], want, tol(dtype), 1e-6)
+    close(H.kl_fwd(km, ops_item("kl_fwd", dtype, vocab), x, y, misalign)[0], ref_kl(xv, yv), tol(dtype), 1e-6)
 
 
 def _neg_inputs(vocab):

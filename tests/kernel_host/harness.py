@@ -27,7 +27,8 @@ PRELUDE = HERE / "host_prelude.h"
 RUNTIME = HERE / "host_runtime.h"
 # -ffp-contract=fast with FMA: NVRTC's default -fmad=true contracts a*b+c the same way.
 FLAGS = ["-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-ffp-contract=fast",
-         "-fno-strict-aliasing", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-Wno-unused-variable"]
+         "-fno-strict-aliasing", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", "-Wno-unused-variable",
+         "-Wno-unused-local-typedefs"]
 STORAGE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 ELEMENTWISE_TPB = 256  # mlxgate.ops._elementwise_grid
 ELEMENTWISE_MAX_BLOCKS = 8192

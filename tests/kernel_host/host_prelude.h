@@ -20,6 +20,7 @@
 #define MLXG_LOG(x) logf(x)
 #define MLXG_INF mlxg_h::bits_f32(0x7f800000u)
 #define MLXG_NAN mlxg_h::bits_f32(0x7fffffffu)
+#ifndef MLXG_H_METAL_LOADS
 #define MLXG_ALIGNED16(p) ((mlxg_h::addr(p) & size_t(15)) == 0)
 
 // VEC consecutive elements of T in one 16-byte load; faults (reported) if misaligned.
@@ -33,6 +34,15 @@ struct alignas(sizeof(U) * N) MlxgVec {
     for (int mlxg_k_ = 0; mlxg_k_ < VEC; ++mlxg_k_)                                   \
       dst[mlxg_k_] = static_cast<float>(mlxg_x_.v[mlxg_k_]);                          \
   }
+#else
+// metal_prelude.h's loads: the VEC-wide steps on any row start, element by element.
+#define MLXG_ALIGNED16(p) (true)
+#define MLXG_LOAD_VEC(dst, p, i)                                              \
+  {                                                                           \
+    for (int mlxg_k_ = 0; mlxg_k_ < VEC; ++mlxg_k_)                           \
+      dst[mlxg_k_] = static_cast<float>((p)[(i) + mlxg_k_]);                  \
+  }
+#endif
 // ---- body prologue ----
 const int mlxg_tid = mlxg_h_ix.tid;
 const int mlxg_lane = mlxg_tid & 31;

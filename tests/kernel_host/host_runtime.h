@@ -329,10 +329,14 @@ struct Launch {
         record(e.what());
       }
     };
-    if (g_fibers) {
-      run_fibers(bdim, vts, thread_main);
-    } else {
-      run_threads(bdim, vts, warps, block, thread_main);
+    try {
+      if (g_fibers) {
+        run_fibers(bdim, vts, thread_main);
+      } else {
+        run_threads(bdim, vts, warps, block, thread_main);
+      }
+    } catch (const std::exception& e) {  // no memory for stacks, no more threads
+      record(std::string("launch failed: ") + e.what());
     }
   }
 
@@ -402,15 +406,28 @@ struct Launch {
     int finished = 0;
     std::vector<std::thread> threads;
     threads.reserve(static_cast<size_t>(bdim));
-    for (int t = 0; t < bdim; ++t) {
-      threads.emplace_back([&, t] {
-        tl_vt = &vts[static_cast<size_t>(t)];
-        thread_main(t);
-        tl_vt = nullptr;
-        std::lock_guard<std::mutex> lk(mu);
-        ++finished;
-        cv.notify_all();
-      });
+    try {
+      for (int t = 0; t < bdim; ++t) {
+        threads.emplace_back([&, t] {
+          tl_vt = &vts[static_cast<size_t>(t)];
+          thread_main(t);
+          tl_vt = nullptr;
+          std::lock_guard<std::mutex> lk(mu);
+          ++finished;
+          cv.notify_all();
+        });
+      }
+    } catch (const std::exception& e) {
+      // Fewer threads than the block needs: release the started ones and report.
+      record(std::string("could not start ") + std::to_string(bdim) + " threads: " + e.what());
+      for (;;) {
+        block.poke();
+        for (auto& w : warps) w->bar.poke();
+        std::unique_lock<std::mutex> lk2(mu);
+        if (cv.wait_for(lk2, std::chrono::milliseconds(10), [&] { return finished == static_cast<int>(threads.size()); })) break;
+      }
+      for (auto& th : threads) th.join();
+      return;
     }
     {
       std::unique_lock<std::mutex> lk(mu);

@@ -14,6 +14,7 @@ and VEC from row_threads/vec_width) plus small blocks. Skipped without a C++20 c
 from __future__ import annotations
 
 import math
+import os
 
 import mlxgate  # noqa: F401  (OpenBLAS before mlx.core)
 
@@ -60,9 +61,17 @@ ITEMS = sorted({
 })
 
 
+# Block kernels run as fibers (fast; in order, or shuffled per pass with a seed) unless
+# MLXGATE_HOST_MODE=threads (one OS thread per virtual thread, for a slower race hunt).
+MODE = os.environ.get("MLXGATE_HOST_MODE", "fibers")
+SEED = int(os.environ.get("MLXGATE_HOST_SEED", "0"))
+
+
 @pytest.fixture(scope="module")
 def kern(tmp_path_factory):
-    return H.open_all(ITEMS, tmp_path_factory.mktemp("kernel_host"))
+    k = H.open_all(ITEMS, tmp_path_factory.mktemp("kernel_host"))
+    H.set_mode(k, MODE, SEED)
+    return k
 
 
 def stats(kern, dtype, x, ids=None, tpb=None, misalign=False):
@@ -396,7 +405,7 @@ def test_twenty_launches_are_bit_identical(kern):
             for got, want in zip(kl(kern, "float32", x[:rows], y[:rows]), kl0):
                 assert np.array_equal(got, want[:rows]), (mode, seed)
     finally:
-        H.set_mode(kern, "fibers")
+        H.set_mode(kern, MODE, SEED)
 
 
 # ------------------------------------------------- the harness can fail (mutation tests)

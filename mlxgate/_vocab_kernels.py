@@ -4,7 +4,8 @@ One algorithm, one set of bodies: ``kernels/vocab_common.h`` holds the streaming
 ``kernels/*.body`` the kernel bodies, and ``kernels/{cuda,metal}_prelude.h`` the few
 per-backend macros (shuffles, barriers, loads) plus a short prologue that names the thread
 indices. ``mlxgate.ops`` is the only caller; :func:`cuda_test_source` gives tests the exact
-text MLX would JIT, wrapped as plain ``__global__`` functions for ``nvcc``.
+text MLX would JIT, wrapped as plain ``__global__`` functions for ``nvcc``, and
+:func:`host_test_source` the same bodies for a CPU emulator (tests/kernel_host/).
 """
 
 from __future__ import annotations

@@ -257,6 +257,14 @@ def test_nan_logit_at_row_start_propagates(kern):
     assert np.all(np.isnan(got["entropy"])) and np.all(np.isnan(got["logsumexp"]))
 
 
+def test_heavy_tail_under_one_dominant_token(kern):
+    """test_ops' strict xfail for the composed CPU path: 40,000 terms of 2e-9 under a 1.0. The
+    kernel's per-thread partial sums keep them (each thread adds ~40 tail terms to at most one 1.0)."""
+    x = np.full((1, 40000), -20.0, dtype=np.float32)
+    x[0, 0] = 0.0
+    close(stats(kern, "float32", x, np.array([0]))["entropy"], ref_stats(x)["entropy"], TOL_F32, 1e-7)
+
+
 def test_all_neg_inf_row_is_documented_nan(kern):
     x = np.zeros((3, 64), dtype=np.float32)
     x[1] = NEG_INF

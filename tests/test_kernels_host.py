@@ -243,13 +243,9 @@ def test_masked_stretches(kern, dtype, vocab, mask):
         close(kl(kern, dtype, q[:3], x[:3])[0], ref_kl(H.values(q[:3], dtype), xv[:3]), tol(dtype), 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a NaN logit read while its thread's running max is still -inf (e.g. at a row's "
-    "start) is skipped by the `st.m > -inf` guard, so H and lse stay finite; vocab_common.h "
-    "says a NaN makes every output NaN (the composed path does)",
-)
 def test_nan_logit_at_row_start_propagates(kern):
+    """A NaN read while its thread's running max is still -inf (a row's start) makes every output
+    NaN, as vocab_common.h promises and the composed path does (it used to be skipped)."""
     x = (RNG.standard_normal((2, 4099)) * 3).astype(np.float32)
     x[0, 0] = np.nan
     x[1, 4098] = np.nan

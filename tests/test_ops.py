@@ -220,6 +220,18 @@ def test_all_neg_inf_row_is_documented_nan():
     assert np.isnan(klv[1]) and klv[0] == 0.0 and klv[2] == 0.0
 
 
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_small_kl_does_not_depend_on_a_logit_offset(offset):
+    """Two models whose logits differ by a constant (softmax-invariant) plus a little noise: a
+    KL of ~1e-3 nats keeps the same relative accuracy at a 100-nat offset (taking a - b directly
+    cancelled against the maxima: ~6e-2 relative there)."""
+    a = (RNG.standard_normal((4, 32000)) * 3).astype(np.float32)
+    b = (a + RNG.standard_normal(a.shape).astype(np.float32) * 0.05 + offset).astype(np.float32)
+    want = ref_kl(a, b)
+    assert np.all((want > 5e-4) & (want < 5e-3))
+    close(as_np(ops.kl(mx.array(a), mx.array(b))), want, 2e-3)
+
+
 def test_kl_of_p_with_itself_is_exactly_zero():
     for vocab in (7, 32768, 262144):
         x = mx.array((RNG.standard_normal((2, vocab)) * 5).astype(np.float32))

@@ -222,13 +222,21 @@ def _ent_chunk(x: mx.array, ones: mx.array, ids: mx.array | None = None) -> tupl
     n_max = mx.sum(x == m, axis=-1).astype(mx.float32)
     s_tail = e_tail @ ones  # row sums as gemvs (see _ones)
     s = n_max + s_tail
-    ls = mx.where(n_max > 0, mx.log(mx.maximum(n_max, 1.0)) + mx.log1p(s_tail / mx.maximum(n_max, 1.0)), mx.log(s_tail))
+    ls = _log_count_plus_tail(n_max, s_tail)
     out = (ls - (z @ ones) / s, m[:, 0] + ls)
     if ids is None:
         return out
     # (z_id - m) - log s, not z_id - lse: at |z| ~ 1e4 the latter loses ~1e-4 to rounding.
     picked = mx.take_along_axis(x, ids[:, None], axis=-1)[:, 0].astype(mx.float32)
     return out + ((picked - m[:, 0]) - ls,)
+
+
+def _log_count_plus_tail(n_max: mx.array, s_tail: mx.array) -> mx.array:
+    """log(n_max + s_tail) for a row sum split into its maxima (n_max terms of exactly 1) and the
+    rest, as log n_max + log1p(s_tail / n_max): accurate however small the tail. n_max = 0 (an
+    all -inf row) gives log s_tail = -inf."""
+    n1 = mx.maximum(n_max, 1.0)
+    return mx.where(n_max > 0, mx.log(n1) + mx.log1p(s_tail / n1), mx.log(s_tail))
 
 
 def _kl_chunk(a: mx.array, b: mx.array, ones: mx.array) -> tuple[mx.array, mx.array, mx.array]:
@@ -238,17 +246,21 @@ def _kl_chunk(a: mx.array, b: mx.array, ones: mx.array) -> tuple[mx.array, mx.ar
     mb = mx.max(b, axis=-1, keepdims=True)
     ma = mx.where(ma == -mx.inf, 0.0, ma)
     mb = mx.where(mb == -mx.inf, 0.0, mb)
-    ea = _exp_nonpos(a - ma)
-    sa = ea @ ones
-    sb = _exp_nonpos(b - mb) @ ones
+    ta, tb = a - ma, b - mb
+    # As in _ent_chunk, each side's maxima (t = 0, e = 1) are counted apart from its tail sum.
+    na = mx.sum(ta == 0, axis=-1).astype(mx.float32)
+    nb = mx.sum(tb == 0, axis=-1).astype(mx.float32)
+    ea = _exp_nonpos(ta)
+    sa_tail = mx.where(ta == 0, 0.0, ea) @ ones
+    la = _log_count_plus_tail(na, sa_tail)
+    lb = _log_count_plus_tail(nb, mx.where(tb == 0, 0.0, _exp_nonpos(tb)) @ ones)
     # KL = E_p[(a - ma) - (b - mb)] + log(sb / sa): each logit taken relative to its own row's
     # max, so a constant offset between the two models' logits does not cancel against a small KL
     # (E_p[a - b] + (mb - ma) lost ~1e-2 relative at KL ~ 1e-3 with a 100-nat offset); exactly
     # 0 when a == b.
-    u = _rowdot(ea, mx.where(ea > 0, (a - ma) - (b - mb), 0.0))
-    ma, mb = ma[:, 0], mb[:, 0]
-    kl = u / sa + mx.log(sb / sa)
-    return kl, ma + mx.log(sa), mb + mx.log(sb)
+    u = _rowdot(ea, mx.where(ea > 0, ta - tb, 0.0))
+    kl = u / (na + sa_tail) + (lb - la)
+    return kl, ma[:, 0] + la, mb[:, 0] + lb
 
 
 def _ent_bwd_chunk(x, lse, ent, c_ent, c_lse, c_tlp, ids):

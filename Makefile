@@ -39,7 +39,8 @@ demo: install
 
 # pytest's exit 5 (no tests collected) is passed on as 5 for .ci/run to judge.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo 'pytest: no tests collected'; exit $$rc
+	@echo '$(BIN)/python -m pytest $(PYTEST_ARGS)'
+	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && echo 'pytest: no tests collected'; exit $$rc
 
 bench: install
 	$(BIN)/python bench/measure.py

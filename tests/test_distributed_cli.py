@@ -248,8 +248,17 @@ def test_batch_seeds_single_process(ckpt):
 
 
 def test_bad_input_names_the_rank(ring):
-    """A bad flag under launch: each rank prints the one error line, prefixed with its rank."""
+    """A bad flag under launch: the error line carries the rank. Both ranks fail the same way, and
+    mlx.launch SIGTERMs the other as soon as the first exits, so the slower one may print nothing;
+    whatever a rank prints is that one prefixed line."""
+    for r in (0, 1):
+        (ring / f"r{r}" / "stderr.txt").unlink(missing_ok=True)
     launch(["bash", "-c", PER_RANK, *CLI, "measure", "--model", str(ring / "no-such-model"), "--prompt", "hi"], ring, timeout=60)
+    printed = 0
     for r in (0, 1):
         lines = [x for x in (ring / f"r{r}" / "stderr.txt").read_text().splitlines() if x.strip()]
-        assert len(lines) == 1 and lines[0].startswith(f"[rank {r}] mlxgate: error: model path not found"), lines
+        assert len(lines) <= 1, lines
+        for line in lines:
+            assert line.startswith(f"[rank {r}] mlxgate: error: model path not found"), lines
+            printed += 1
+    assert printed >= 1

@@ -544,7 +544,7 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
     spectra = _adapter_spectra(model)
     timings["bake"] = time.perf_counter() - tic
     rec("bake", kl=_kl_summary(kl_ref), kl_base=_kl_summary(kl_base), adapter_spectra=spectra, lora_rank=cfg.rank * r,
-        hinge_active_frac=result.summary["hinge_active_frac"], seconds=timings["heal"])
+        hinge_active_frac=result.summary["hinge_active_frac"], seconds=timings["bake"])
 
     tic = time.perf_counter()
     ev = evaluate(model, tokenizer, cfg, rec, "eval")

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlxgate  # noqa: F401  (OpenBLAS before mlx.core)
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 from mlxgate.errors import UserError  # noqa: E402
@@ -188,7 +189,8 @@ def all_gather_bytes(blob: bytes, what: str = "a gather") -> list[bytes]:
         lengths = [int(x) for x in lengths.tolist()]
         buf = bytearray(max(lengths))
         buf[: len(blob)] = blob
-        data = mx.distributed.all_gather(mx.array(list(buf) or [0], dtype=mx.uint8)[None], stream=mx.cpu)
+        # np.frombuffer, not list(buf): one Python int per byte cost ~1.3 s per 20 MB (adapters).
+        data = mx.distributed.all_gather(mx.array(np.frombuffer(bytes(buf) or b"\0", dtype=np.uint8))[None], stream=mx.cpu)
         mx.eval(data)
     rows = bytes(memoryview(data.reshape(-1)))  # uint8 -> bytes
     width = max(max(lengths), 1)

@@ -56,6 +56,10 @@ def heal_cmd(model, data, out, adapters_in, agg, tau, lam, lam_pow, round_, ref,
     if not examples:
         reasons = ", ".join(f"{k}: {v}" for k, v in dropped.items() if v)
         raise UserError(f"all {len(records)} completions in {data} were dropped ({reasons}); nothing to train on")
+    # Ids from another model's tokenizer would train on the wrong rows of the embedding, silently.
+    from mlxgate.filter import check_vocab
+
+    check_vocab([{"prompt_ids": e.prompt_ids, "completion_ids": e.completion_ids} for e in examples], info.vocab_size, data)
     result = _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info)
     s = result.summary
     if not _main():

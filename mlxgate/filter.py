@@ -231,7 +231,12 @@ def read_rows(path: str | Path) -> list[dict]:
 def check_vocab(rows: list[dict], vocab_size: int, path: str = "data") -> None:
     """UserError if any token id is outside the model's vocabulary (data made with another model)."""
     for i, row in enumerate(rows, 1):
-        top = max(list(row["prompt_ids"]) + list(row["completion_ids"]))
+        ids = list(row["prompt_ids"]) + list(row["completion_ids"])
+        if not ids:
+            continue
+        top = max(ids)
+        if min(ids) < 0:
+            raise UserError(f"{path}: row {i} has a negative token id ({min(ids)})")
         if top >= vocab_size:
             raise UserError(f"{path}: row {i} has token id {top} >= this model's vocabulary ({vocab_size}); was it made with another model?")
 

@@ -371,7 +371,9 @@ def _cli(args):
 
 @pytest.mark.parametrize(
     "content, needle",
-    [("", "no examples"), ("{bad json\n", "not valid JSON"), ('{"prompt": "a", "completion": ""}\n' * 3, "dropped")],
+    [("", "no examples"), ("{bad json\n", "not valid JSON"), ('{"prompt": "a", "completion": ""}\n' * 3, "dropped"),
+     ('{"prompt": "a", "completion": "x", "completion_ids": [5, 300, 7]}\n', "token id 300 >= this model's vocabulary"),
+     ('{"prompt": "a", "completion": "x", "completion_ids": [5, -1, 7]}\n', "negative token id")],
 )
 def test_cli_heal_bad_input_exit_2_no_adapter(tiny_dir, tmp_path, content, needle):
     data = tmp_path / "kept.jsonl"

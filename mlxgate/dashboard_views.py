@@ -308,7 +308,6 @@ def generation_frame(view, mem: dict) -> Layout:
 # ----------------------------------------------------------------------------- run view
 
 RUN_FIELDS = ("round", "stage", "step", "progress", "auth_nats", "coherence", "kl", "kept", "dropped", "lora_rank", "n_ranks", "adapter_spectra")
-HISTORY_FIELDS = ("auth_nats", "coherence", "kl.rmse", "kl.mean", "kept", "dropped", "sigma_max")
 
 
 def _latest_items(latest: dict) -> list[tuple[str, str, str | None]]:

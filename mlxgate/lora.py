@@ -106,16 +106,6 @@ class StackedLoRALinear(nn.Module):
             y = y + (self.scale * ((x @ self.lora_a) @ self.lora_b)).astype(x.dtype)
         return y
 
-    def delta(self, current: bool = True, prev: bool = True) -> mx.array:
-        """ΔW [out, in] float32 of the selected rounds (to fold into the base weight)."""
-        in_dims, out_dims = _dims(self.linear)
-        d = mx.zeros((out_dims, in_dims))
-        if prev and self.has_prev:
-            d = d + (self.prev_a @ self.prev_b).T
-        if current:
-            d = d + self.scale * (self.lora_a @ self.lora_b).T
-        return d
-
 
 def attach(model: nn.Module, rank: int, scale: float, prev: list[dict[str, LoRAFactors]] = (), seed: int = 0) -> LoRASwitch:
     """Freeze ``model`` and replace the q,k,v,o,gate,up,down projections of the adapted blocks
@@ -221,23 +211,3 @@ def read_adapter(path: str | Path) -> tuple[dict, dict[str, LoRAFactors]]:
     if not modules:
         raise UserError(f"{path}: no lora_a/lora_b tensors in {ADAPTER_WEIGHTS}")
     return config, modules
-
-
-def fuse(model: nn.Module) -> nn.Module:
-    """Replace every stacked layer by a plain linear with all its active rounds added to the weight
-    (float32 sum, cast back to the base dtype). Quantized bases come back dequantized."""
-    fused = []
-    for path, m in stacked_layers(model):
-        lin = m.linear
-        w = lin.weight
-        if isinstance(lin, nn.QuantizedLinear):
-            w = mx.dequantize(w, lin.scales, lin.biases, group_size=lin.group_size, bits=lin.bits, mode=lin.mode)
-        out_dims, in_dims = w.shape
-        new = nn.Linear(in_dims, out_dims, bias="bias" in lin)
-        new.weight = (w.astype(mx.float32) + m.delta(current=m.switch.current, prev=m.switch.prev)).astype(w.dtype)
-        if "bias" in lin:
-            new.bias = lin.bias
-        fused.append((path, new))
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-    return model

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from mlxgate import backend
-from mlxgate.analysis.loops import classify_basin, detect_loop, rep_frac
+from mlxgate.analysis.loops import classify_basin, detect_loop
 from mlxgate.analysis.zones import zone_counts, zone_of
 from mlxgate.errors import UserError
 from mlxgate import distributed
@@ -151,7 +151,7 @@ def measure_prompts(
                 "finish": comp.finish,
                 "mean_nll": float(np.mean(nll)) if nll else None,
                 "tail_ppl": ppl_tail,
-                "rep_frac": rep_frac(text),
+                "rep_frac": basin.rep_frac,  # classify_basin computed rep_frac(text)
                 "loop": asdict(loop) if loop else None,
                 "basin": basin.basin,
                 "basin_reason": basin.reason,

@@ -7,11 +7,11 @@ Bad input is a UserError (one line, exit 2).
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
+from mlxgate import io as IO
 from mlxgate.errors import UserError
 
 from mlxgate.cli_common import MODEL_HELP, emit
@@ -123,7 +123,7 @@ def tinymfv(model, adapters, vector, coeff, allow_other_model, condition, limit,
         model=info.to_dict(), adapters=list(adapters), adapted_modules=n_adapted, vector=vector, limit=limit,
     )
     if fmt == "json":
-        text = json.dumps(result, indent=2)
+        text = IO.dumps(result, indent=2)  # ln 0 = -inf aggregates become null, not -Infinity
     else:
         label = info.name + (f" + {len(adapters)} adapter(s)" if adapters else "") + (f" steered C={steer_coeff}" if steer else "")
         text = _table(result, f"tinymfv ({condition}): {label}")

@@ -4,6 +4,7 @@ one intact (write a temporary sibling, fsync, then ``os.replace``)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -43,8 +44,27 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def jsonable(x):
+    """``x`` with numpy scalars as Python numbers and NaN/±inf as None (null): strict JSON that
+    any reader parses (Python's default writes NaN/Infinity, which JSON does not have)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy scalar / 0-d array
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def dumps(obj, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj`` (see :func:`jsonable`)."""
+    return json.dumps(jsonable(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
-    write_text(path, json.dumps(obj, indent=indent) + "\n")
+    write_text(path, dumps(obj, indent=indent) + "\n")
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
@@ -56,7 +76,7 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
 def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and flush it to disk (events logs: a crash loses at most this line)."""
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(obj) + "\n")
+        fh.write(dumps(obj) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 

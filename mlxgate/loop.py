@@ -338,7 +338,7 @@ class Recorder:
 
     def __call__(self, stage: str, **fields) -> dict:
         ev = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "round": self.round, "stage": stage, **fields}
-        ev = _jsonable(ev)
+        ev = IO.jsonable(ev)
         if D.is_main():
             try:
                 IO.append_jsonl(self.path, ev)
@@ -349,26 +349,14 @@ class Recorder:
         return ev
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
-    return x
-
-
 def _write_json(path: Path, obj) -> None:
     if D.is_main():  # only rank 0 writes the run directory
-        IO.write_json(path, _jsonable(obj))
+        IO.write_json(path, obj)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     if D.is_main():
-        IO.write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+        IO.write_text(path, "".join(IO.dumps(r) + "\n" for r in rows))
 
 
 def _fresh_dir(path: Path) -> None:
@@ -581,7 +569,7 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
     }
     _write_json(rdir / DONE_FILE, record)  # last: commits the round
     # Every rank goes on with rank 0's record (also a barrier: the round is on rank 0's disk).
-    record = D.broadcast(_jsonable(record), f"round {r} commit")
+    record = D.broadcast(IO.jsonable(record), f"round {r} commit")
     rec("round_done", **_headline(ev), kl=record["kl"], kept=record["kept"], dropped=record["dropped"], kappa=res.kappa,
         lora_rank=record["lora_rank"], adapter_spectra=spectra, timings=timings, progress=1.0)
     return record
@@ -620,7 +608,7 @@ def run_base(model, tokenizer, cfg: LoopConfig, run: Path, rec: Recorder) -> dic
         "timings": {"eval": time.perf_counter() - tic}, "peak_rss_bytes": _peak_bytes(),
     }
     _write_json(rdir / DONE_FILE, record)
-    record = D.broadcast(_jsonable(record), "round 0 commit")
+    record = D.broadcast(IO.jsonable(record), "round 0 commit")
     rec("round_done", **_headline(ev), lora_rank=0, progress=1.0, timings=record["timings"])
     return record
 

@@ -86,13 +86,11 @@ def _main() -> bool:
 
 
 def _heal_with_progress(H, lm, tokenizer, examples, cfg, adapters_in, out, info):
-    import math
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    n_train = len(examples) - min(int(len(examples) * cfg.val_frac), len(examples) - 1)
-    total = cfg.epochs * math.ceil(n_train / cfg.batch_size)
+    total = H.total_steps(len(examples), cfg)
     extra = {"model": info.name, "model_path": info.path, "adapters_in": [str(a) for a in adapters_in]}
     console = Console(stderr=True)
     fields = dict(loss=0.0, sft=0.0, kl=0.0, barrier=0.0, gnorm=0.0, tok_s=0.0)

@@ -218,8 +218,18 @@ def split_val(examples: list[Example], val_frac: float, seed: int) -> tuple[list
     example always remains."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_val = min(int(len(examples) * val_frac), len(examples) - 1)
+    n_val = _n_val(len(examples), val_frac)
     return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def _n_val(n_examples: int, val_frac: float) -> int:
+    return min(int(n_examples * val_frac), n_examples - 1)
+
+
+def total_steps(n_examples: int, cfg: "HealConfig") -> int:
+    """Micro-steps (``on_step`` calls) a heal of ``n_examples`` runs: epochs x micro-batches of
+    the training split (what progress bars count to)."""
+    return cfg.epochs * math.ceil((n_examples - _n_val(n_examples, cfg.val_frac)) / cfg.batch_size)
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -514,8 +514,7 @@ def run_round(r: int, model, tokenizer, info, cfg: LoopConfig, run: Path, contex
     if not examples:
         raise UserError(f"round {r}: every kept completion was dropped before training ({ex_dropped}); raise --max-seq-len")
     detach(model)
-    n_train = len(examples) - min(int(len(examples) * hcfg.val_frac), len(examples) - 1)
-    total_steps = hcfg.epochs * math.ceil(n_train / hcfg.batch_size)
+    total_steps = H.total_steps(len(examples), hcfg)
 
     def on_step(h):
         rec("heal", step=h["step"], progress=h["step"] / total_steps, epoch=h["epoch"], loss=h["loss"], sft=h["sft"],

@@ -284,6 +284,7 @@ def test_heal_tiny_loss_decreases_and_writes_adapter(tiny_dir, tmp_path):
     res = H.heal(model, tok, ex, cfg, on_step=steps.append, out=tmp_path / "ad")
     hist = res.history
     assert steps == hist and len(hist) == 4 * 11  # 21 train examples -> 11 micro-batches per epoch
+    assert H.total_steps(len(ex), cfg) == len(hist)  # what the CLI and the loop count progress to
     assert res.summary["optimizer_steps"] == 4 * 6 and res.summary["n_val"] == 3
     first, last = np.mean([h["sft"] for h in hist[:11]]), np.mean([h["sft"] for h in hist[-11:]])
     assert last < first - 0.5

@@ -197,23 +197,10 @@ def _valid_ids(ids) -> bool:
 def read_rows(path: str | Path) -> list[dict]:
     """Completion rows from a JSONL file; an unreadable, empty or malformed file is a UserError
     naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    from mlxgate.io import read_jsonl
+
     rows = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{no}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{no}: each line must be a JSON object")
+    for no, row in read_jsonl(path, "data file"):
         for key, typ in REQUIRED.items():
             if not isinstance(row.get(key), typ):
                 raise UserError(f"{path}:{no}: field {key!r} missing or not a {typ.__name__}; rows come from `mlxgate steer generate`")

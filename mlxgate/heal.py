@@ -136,21 +136,10 @@ class HealResult:
 def read_records(path: str | Path) -> list[dict]:
     """Lines of a kept.jsonl: {"prompt", "completion"[, "prompt_ids", "completion_ids", "finish",
     "kept"]}. Lines with "kept": false are skipped. Raises UserError on unreadable/malformed data."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path}: {err}") from None
+    from mlxgate.io import read_jsonl
+
     records = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{no}: not valid JSON ({err.msg}); each line must be one JSON object") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{path}:{no}: expected a JSON object with 'prompt' and 'completion'")
+    for no, rec in read_jsonl(path, "data file"):
         has_text = isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str)
         has_ids = _is_ids(rec.get("prompt_ids")) and _is_ids(rec.get("completion_ids"))
         if not has_text and not has_ids:

@@ -67,6 +67,30 @@ def write_json(path: str | Path, obj, indent: int | None = 2) -> None:
     write_text(path, dumps(obj, indent=indent) + "\n")
 
 
+def read_jsonl(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file. A missing or unreadable file,
+    a line that is not JSON or not an object: UserError naming ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {what} {path}: {err}") from None
+    out = []
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{no}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{no}: each line must be a JSON object")
+        out.append((no, obj))
+    return out
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG atomically."""
     with atomic_path(path, suffix=".png") as tmp:

@@ -6,7 +6,6 @@ and :func:`measure_text` (a given text, teacher-forced). Both return JSON-serial
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 import math
 from pathlib import Path
@@ -41,25 +40,22 @@ TAIL_FRACTION = 0.25  # SPEC §5.3: coherence is the perplexity of the last 25% 
 
 def load_prompts_file(path: str | Path) -> list[str]:
     """Prompts from a .txt file (one per non-empty line) or .jsonl (a ``prompt`` field per line)."""
+    from mlxgate.io import read_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read prompts file {path}: {err}") from None
     if path.suffix == ".jsonl":
         prompts = []
-        for no, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+        for no, row in read_jsonl(path, "prompts file"):  # line numbers count blank lines too
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
                 raise UserError(f"{path}:{no}: each line needs a non-empty string field \"prompt\"")
             prompts.append(row["prompt"])
     else:
-        prompts = lines
+        if not path.is_file():
+            raise UserError(f"prompts file not found: {path}")
+        try:
+            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"cannot read prompts file {path}: {err}") from None
     if not prompts:
         raise UserError(f"prompts file {path} has no prompts")
     return prompts
